@@ -1,0 +1,3 @@
+from mpc_rec.cli import main
+
+main()

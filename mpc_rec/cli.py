@@ -1,0 +1,85 @@
+"""The ``mpc-rec`` command. Only this module parses arguments and sets exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mpc_rec.errors import MpcRecError
+
+EXIT_CODES = "Exit codes: 0 success, 1 internal error, 2 bad input or config, 3 another party failed."
+
+
+def _fail(exc: MpcRecError) -> None:
+    click.echo(f"mpc-rec: error: {exc}", err=True)
+    sys.stderr.flush()
+    # After a peer failure, torch.distributed's teardown can block on the dead peer.
+    os._exit(exc.exit_code)
+
+
+@click.group(epilog=EXIT_CODES)
+@click.version_option(package_name="mpc-rec")
+def main() -> None:
+    """Secure multiparty matrix-factorization recommendations."""
+
+
+@main.command(epilog=EXIT_CODES)
+@click.option("--parties", type=click.IntRange(2, 8), default=3, show_default=True, help="Number of compute parties; users are split between them.")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Ratings file (u.data, RecBole .inter, or CSV with user,item,rating header). Default: an embedded synthetic data set.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (full-batch gradient steps). [default: 30]")
+@click.option("--factors", type=click.IntRange(min=1), default=None, help="Latent factors K. [default: 16]")
+@click.option("--learning-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Gradient step size. [default: 0.003]")
+@click.option("--regularization", type=click.FloatRange(min=0), default=None, help="L2 penalty per rating. [default: 0.1]")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for the split, the partition and the public initialisation.")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True, help="Share of ratings held out for the test RMSE.")
+@click.option("--top-k", type=click.IntRange(min=0), default=10, show_default=True, help="Recommendations per user (0: train and evaluate only).")
+@click.option("--rating-range", type=(float, float), default=(1.0, 5.0), show_default=True, help="Smallest and largest valid rating.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("mpc-rec-run"), show_default=True, help="Output folder: summary.json and one folder per party.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(1, 3600), default=30.0, show_default=True, help="Seconds a party waits for a peer before giving up.")
+@click.option("--insecure-tfp-dealer", is_flag=True, help="INSECURE: party 0 generates every Beaver triple (CrypTen TFP) and can read all products. Benchmarking only.")
+@click.option("--progress/--no-progress", default=None, help="Progress line on stderr. [default: when stderr is a terminal]")
+def run(**options: Any) -> None:
+    """Run a complete local multi-party job: train, score, evaluate, summarise.
+
+    Starts one process per party plus the dealer on this machine (loopback TCP), trains
+    the secret-shared model, reveals each party's recommendations to it alone and only
+    the aggregate test RMSE to all, runs the plaintext reference for comparison, and
+    writes OUT/summary.json and OUT/<party>/recommendations.csv.
+    """
+    from mpc_rec.launch import RunOptions, format_summary, run_local
+
+    try:
+        summary = run_local(RunOptions.from_cli(options))
+    except MpcRecError as exc:
+        _fail(exc)
+    click.echo(format_summary(summary))
+
+
+@main.command(epilog=EXIT_CODES)
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Party configuration (TOML); see parties/README.md.")
+@click.option("--events", is_flag=True, hidden=True, help="Print progress as JSON lines on stdout (used by `run`).")
+def party(config_path: Path, events: bool) -> None:
+    """Run ONE party process (compute party or dealer) from its configuration file."""
+    from mpc_rec.config import load_party_config
+    from mpc_rec.party import run_party
+
+    def report(event: dict[str, Any]) -> None:
+        if events:
+            click.echo(json.dumps(event))
+        elif event.get("event") == "epoch":
+            click.echo(f"epoch {event['epoch']}/{event['epochs']} ({event['seconds']:.2f} s)", err=True)
+
+    try:
+        config = load_party_config(config_path)
+        result = run_party(config, report)
+    except MpcRecError as exc:
+        _fail(exc)
+    if result["role"] == "compute":
+        rmse = result["rmse_secure"]
+        click.echo(f"party {result['name']}: done" + (f", test RMSE {rmse:.4f}" if rmse is not None else "")
+                   + f"; outputs in {config.output_dir}", err=True)

@@ -1,0 +1,144 @@
+"""Party configuration: TOML in, frozen dataclasses out, validated once at the edge.
+
+A file describes one process of a run (a compute party or the dealer). Relative paths
+are resolved against the file's own folder, so a deployment folder can be moved whole.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from mpc_rec.errors import ConfigError
+from mpc_rec.model import TrainConfig
+from mpc_rec.mpc.session import Endpoint
+
+ROLES = ("compute", "dealer")
+
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "party": {"name": str, "role": str, "rank": int, "world_size": int},
+    "network": {"rendezvous": str, "timeout_s": (int, float)},
+    "dealer": {"kind": str},
+    "data": {"train": str, "test": str, "catalogue": str, "rating_min": (int, float), "rating_max": (int, float)},
+    "train": {f.name: (int, float) if f.type in ("float",) else int for f in fields(TrainConfig)},
+    "output": {"dir": str, "top_k": int},
+}
+_REQUIRED = {
+    "compute": [("party", "name"), ("party", "rank"), ("party", "world_size"), ("network", "rendezvous"),
+                ("data", "train"), ("data", "catalogue"), ("output", "dir")],
+    "dealer": [("party", "rank"), ("party", "world_size"), ("network", "rendezvous")],
+}
+
+
+@dataclass(frozen=True)
+class PartyConfig:
+    name: str
+    role: str
+    endpoint: Endpoint
+    train: TrainConfig
+    train_path: Path | None
+    test_path: Path | None
+    catalogue_path: Path | None
+    rating_range: tuple[float, float]
+    output_dir: Path | None
+    top_k: int
+
+
+def load_party_config(path: str | os.PathLike[str]) -> PartyConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return parse_party_config(raw, base=path.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_party_config(raw: dict[str, Any], *, base: Path) -> PartyConfig:
+    _check_schema(raw)
+    section = lambda name: raw.get(name, {})  # noqa: E731
+    role = section("party").get("role", "compute")
+    if role not in ROLES:
+        raise ConfigError(f"party.role must be one of {', '.join(ROLES)}, got '{role}'")
+    for table, key in _REQUIRED[role]:
+        if key not in section(table):
+            raise ConfigError(f"missing required setting {table}.{key}")
+
+    def resolve(value: str | None) -> Path | None:
+        return None if value is None else (base / value).resolve()
+
+    try:
+        endpoint = Endpoint(
+            rank=section("party")["rank"],
+            world_size=section("party")["world_size"],
+            rendezvous=section("network")["rendezvous"],
+            dealer=section("dealer").get("kind", "ttp"),
+            timeout_s=float(section("network").get("timeout_s", 30.0)),
+        )
+        train = TrainConfig(**section("train"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if role == "dealer" and not endpoint.is_dealer:
+        raise ConfigError("a dealer must have dealer.kind = 'ttp' and rank = world_size")
+    if role == "compute" and endpoint.rank >= endpoint.world_size:
+        raise ConfigError(f"compute party rank must be below world_size {endpoint.world_size}")
+    data = section("data")
+    rating_range = (float(data.get("rating_min", 1.0)), float(data.get("rating_max", 5.0)))
+    if not rating_range[0] < rating_range[1]:
+        raise ConfigError(f"data.rating_min must be below data.rating_max, got {rating_range}")
+    top_k = section("output").get("top_k", 10)
+    if top_k < 0:
+        raise ConfigError(f"output.top_k must be 0 (no recommendations) or more, got {top_k}")
+    return PartyConfig(
+        name=section("party").get("name", f"rank{endpoint.rank}"),
+        role=role,
+        endpoint=endpoint,
+        train=train,
+        train_path=resolve(data.get("train")),
+        test_path=resolve(data.get("test")),
+        catalogue_path=resolve(data.get("catalogue")),
+        rating_range=rating_range,
+        output_dir=resolve(section("output").get("dir")),
+        top_k=top_k,
+    )
+
+
+def _check_schema(raw: dict[str, Any]) -> None:
+    for table, values in raw.items():
+        if table not in _SCHEMA:
+            raise ConfigError(f"unknown section [{table}] (known: {', '.join(_SCHEMA)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"'{table}' must be a [section]")
+        for key, value in values.items():
+            if key not in _SCHEMA[table]:
+                raise ConfigError(f"unknown setting {table}.{key} (known: {', '.join(_SCHEMA[table])})")
+            expected = _SCHEMA[table][key]
+            if isinstance(value, bool) or not isinstance(value, expected):
+                names = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
+                raise ConfigError(f"{table}.{key} must be {names}, got {value!r}")
+
+
+def dump_toml(document: dict[str, dict[str, Any]]) -> str:
+    """Our configs are flat tables of strings and numbers; this writes exactly that."""
+    lines = []
+    for table, values in document.items():
+        lines.append(f"[{table}]")
+        for key, value in values.items():
+            if isinstance(value, str):
+                escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+                lines.append(f'{key} = "{escaped}"')
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                lines.append(f"{key} = {value!r}")
+            else:
+                raise TypeError(f"cannot write {table}.{key}={value!r} to TOML")
+        lines.append("")
+    return "\n".join(lines)

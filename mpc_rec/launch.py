@@ -1,0 +1,326 @@
+"""``mpc-rec run``: write one config per local party, start them, compare with plaintext.
+
+The launcher plays every organisation at once, so it sees all the data: it splits it,
+writes each party's own files, and runs the plaintext reference. The party processes
+it starts see only their own files, exactly as on separate machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpc_rec import __version__
+from mpc_rec.config import dump_toml
+from mpc_rec.data import (
+    Ratings, dense_matrices, load_ratings, partition_users, sort_ids, split_train_test,
+    synthetic_ratings, write_catalogue, write_ratings_csv,
+)
+from mpc_rec.errors import ConfigError, InputError, PeerError
+from mpc_rec.files import write_text_atomic
+from mpc_rec.model import TrainConfig
+from mpc_rec.progress import ProgressLine
+from mpc_rec.reference import run_reference
+
+DEALER_LABELS = {
+    "ttp": "ttp",
+    "insecure-tfp": "insecure-tfp",
+}
+SECURITY_NOTES = {
+    "ttp": "semi-honest parties; Beaver triples from a separate dealer process that must not collude with any party",
+    "insecure-tfp": "INSECURE: party 0 generated every Beaver triple and could read every secret product",
+}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    parties: int = 3
+    data: Path | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    test_fraction: float = 0.2
+    top_k: int = 10
+    rating_range: tuple[float, float] = (1.0, 5.0)
+    out: Path = Path("mpc-rec-run")
+    timeout_s: float = 30.0
+    dealer: str = "ttp"
+    progress: bool | None = None
+
+    @classmethod
+    def from_cli(cls, options: dict[str, Any]) -> "RunOptions":
+        train_keys = {"epochs": "epochs", "factors": "factors", "learning_rate": "learning_rate",
+                      "regularization": "regularization", "seed": "seed"}
+        train = {name: options[key] for key, name in train_keys.items() if options.get(key) is not None}
+        lo, hi = options["rating_range"]
+        if not lo < hi:
+            raise ConfigError(f"--rating-range: smallest rating {lo} must be below largest {hi}")
+        return cls(
+            parties=options["parties"], data=options["data"], train=TrainConfig(**train),
+            test_fraction=options["test_fraction"], top_k=options["top_k"], rating_range=(lo, hi),
+            out=options["out"], timeout_s=options["timeout_s"],
+            dealer="insecure-tfp" if options["insecure_tfp_dealer"] else "ttp",
+            progress=options["progress"],
+        )
+
+    def reproducible(self, data_digest: str) -> dict[str, Any]:
+        described = asdict(self)
+        described.update(data=str(self.data) if self.data else "embedded-synthetic",
+                         data_sha256=data_digest, out=str(self.out), train=self.train.to_dict())
+        described.pop("progress")
+        return described
+
+
+def _load(options: RunOptions) -> tuple[Ratings, str]:
+    if options.data is None:
+        ratings = synthetic_ratings(seed=options.train.seed)
+        return ratings, "synthetic:" + hashlib.sha256(repr(len(ratings)).encode()).hexdigest()[:16]
+    ratings = load_ratings(options.data, rating_range=options.rating_range)
+    return ratings, hashlib.sha256(options.data.read_bytes()).hexdigest()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class _Party:
+    name: str
+    rank: int
+    config: Path
+    output: Path | None
+    staged: Path | None = None
+    process: subprocess.Popen | None = None
+    log: Path | None = None
+
+
+def run_local(options: RunOptions) -> dict[str, Any]:
+    started = time.perf_counter()
+    ratings, digest = _load(options)
+    train, test = split_train_test(ratings, test_fraction=options.test_fraction, seed=options.train.seed)
+    blocks = partition_users(ratings, options.parties, seed=options.train.seed)
+    catalogue = ratings.item_ids()
+    options.out.mkdir(parents=True, exist_ok=True)
+    staging = options.out / f".staging-{uuid.uuid4().hex[:8]}"
+    workdir = Path(tempfile.mkdtemp(prefix="mpc-rec-run-"))
+    try:
+        parties, user_blocks = write_deployment(options, workdir, staging, train, test, blocks, catalogue)
+        results = _run_processes(options, parties, workdir)
+        secure_s = time.perf_counter() - started
+        reference = run_reference(train, test, user_blocks, catalogue, options.train, options.top_k)
+        summary = _summarise(options, digest, ratings, train, test, user_blocks, parties, results, reference, secure_s)
+        summary["outputs"] = _publish(staging, options.out, parties)
+        write_text_atomic(options.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_deployment(options, workdir, staging, train, test, blocks, catalogue):
+    write_catalogue(catalogue, workdir / "catalogue.txt")
+    rendezvous = f"tcp://127.0.0.1:{_free_port()}"
+    common = {
+        "network": {"rendezvous": rendezvous, "timeout_s": options.timeout_s},
+        "dealer": {"kind": options.dealer},
+    }
+    parties, user_blocks = [], []
+    for rank, block in enumerate(blocks):
+        name = f"party-{rank}"
+        users = set(block.users)
+        user_blocks.append(sort_ids(users))
+        own_train = train.subset(np.isin(train.users, list(users)))
+        own_test = test.subset(np.isin(test.users, list(users)))
+        write_ratings_csv(own_train, workdir / f"{name}-train.csv")
+        write_ratings_csv(own_test, workdir / f"{name}-test.csv")
+        document = {
+            "party": {"name": name, "role": "compute", "rank": rank, "world_size": options.parties},
+            **common,
+            "data": {"train": f"{name}-train.csv", "test": f"{name}-test.csv", "catalogue": "catalogue.txt",
+                     "rating_min": options.rating_range[0], "rating_max": options.rating_range[1]},
+            "train": options.train.to_dict(),
+            "output": {"dir": str((staging / name).resolve()), "top_k": options.top_k},
+        }
+        path = workdir / f"{name}.toml"
+        write_text_atomic(path, dump_toml(document))
+        parties.append(_Party(name, rank, path, options.out / name, staging / name))
+    if options.dealer == "ttp":
+        document = {"party": {"name": "dealer", "role": "dealer", "rank": options.parties,
+                              "world_size": options.parties}, **common}
+        path = workdir / "dealer.toml"
+        write_text_atomic(path, dump_toml(document))
+        parties.append(_Party("dealer", options.parties, path, None))
+    return parties, user_blocks
+
+
+def _read_party_summary(party: _Party) -> dict[str, Any]:
+    return json.loads((party.staged / "party.json").read_text())
+
+
+def _run_processes(options: RunOptions, parties: list[_Party], workdir: Path) -> list[dict[str, Any]]:
+    progress = ProgressLine(total=options.train.epochs, enabled=options.progress)
+    for party in parties:
+        party.log = workdir / f"{party.name}.log"
+        command = [sys.executable, "-m", "mpc_rec", "party", "--config", str(party.config)]
+        if party.rank == 0:
+            command.append("--events")
+        with open(party.log, "wb") as log:
+            party.process = subprocess.Popen(
+                command, stdout=subprocess.PIPE if party.rank == 0 else log, stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+    reader = threading.Thread(target=_follow_events, args=(parties[0].process.stdout, progress), daemon=True)
+    reader.start()
+    failure = _wait_all(parties, grace_s=options.timeout_s + 10)
+    reader.join(timeout=5)
+    progress.close()
+    if failure is not None:
+        raise failure
+    return [_read_party_summary(party) for party in parties if party.output is not None]
+
+
+def _follow_events(stream, progress: "ProgressLine") -> None:
+    for raw in stream:
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            continue
+        if event.get("event") == "epoch":
+            progress.update(event["epoch"], f"secure epoch {event['epoch']}/{event['epochs']}")
+        elif event.get("event") == "scoring":
+            progress.note("secure scoring and evaluation")
+
+
+def _wait_all(parties: list[_Party], grace_s: float) -> PeerError | None:
+    """Wait for every process; after the first failure give the rest grace_s, then kill."""
+    deadline = None
+    first_failure = None
+    while True:
+        running = [p for p in parties if p.process.poll() is None]
+        for party in parties:
+            code = party.process.returncode
+            if code not in (None, 0) and first_failure is None:
+                first_failure = party
+                deadline = time.monotonic() + grace_s
+        if not running:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            for party in running:
+                party.process.kill()
+                party.process.wait()
+            break
+        time.sleep(0.05)
+    if first_failure is None:
+        return None
+    return PeerError(f"{first_failure.name} failed (exit {first_failure.process.returncode}): "
+                     f"{_last_error(first_failure.log)}")
+
+
+def _last_error(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("mpc-rec: error:")]
+    if errors:
+        return errors[-1].removeprefix("mpc-rec: error: ")
+    return lines[-1] if lines else "no output"
+
+
+def _publish(staging: Path, out: Path, parties: list[_Party]) -> dict[str, str]:
+    """Move each party's finished outputs from staging into place, replacing older runs."""
+    outputs = {}
+    for party in parties:
+        if party.output is None:
+            continue
+        if party.output.exists():
+            shutil.rmtree(party.output)
+        party.staged.rename(party.output)
+        outputs[party.name] = str(party.output)
+    return outputs
+
+
+def _summarise(options, digest, ratings, train, test, user_blocks, parties, results, reference, secure_s):
+    rank0 = next(r for r in results if r["rank"] == 0)
+    secure_epoch = rank0["timing"]["secure_epoch_s"]
+    plain_epoch = reference["plaintext_epoch_s"]
+    rmse_secure = rank0["rmse_secure"]
+    return {
+        "mpc_rec_version": __version__,
+        "dealer": DEALER_LABELS[options.dealer],
+        "security": SECURITY_NOTES[options.dealer],
+        "config": options.reproducible(digest),
+        "data": {
+            "users": len(ratings.user_ids()), "items": len(ratings.item_ids()),
+            "train_ratings": len(train), "test_ratings": len(test),
+            "users_per_party": [len(b) for b in user_blocks],
+        },
+        "metrics": {
+            "rmse_secure": rmse_secure,
+            "rmse_plaintext": reference["rmse"],
+            "rmse_difference": abs(rmse_secure - reference["rmse"]),
+            "rmse_global_mean": reference["rmse_global_mean"],
+            "top_k_agreement": _top_k_agreement(parties, reference),
+        },
+        "timing": {
+            "secure_epoch_s": secure_epoch,
+            "plaintext_epoch_s": plain_epoch,
+            "secure_over_plaintext": secure_epoch / plain_epoch if plain_epoch > 0 else None,
+            "secure_setup_s": rank0["timing"]["setup_s"],
+            "secure_scoring_s": rank0["timing"]["scoring_s"],
+            "secure_run_s": secure_s,
+        },
+        "parties": [
+            {"name": r["name"], "rank": r["rank"], "users": r["users"],
+             "bytes_sent": r["traffic"]["bytes_sent"], "rounds": r["traffic"]["rounds"],
+             "training_bytes_per_epoch": r["traffic"]["training_bytes_per_epoch"],
+             "training_rounds_per_epoch": r["traffic"]["training_rounds_per_epoch"],
+             "peak_memory_mb": r["peak_memory_mb"]}
+            for r in results
+        ],
+        "traffic_counted_by": rank0["traffic"]["counted_by"],
+    }
+
+
+def _top_k_agreement(parties: list[_Party], reference: dict[str, Any]) -> float:
+    """Share of the plaintext reference's top-k items that the secure run also chose."""
+    chosen: dict[str, set[str]] = {}
+    for party in parties:
+        if party.output is None:
+            continue
+        lines = (party.staged / "recommendations.csv").read_text().splitlines()[1:]
+        for line in lines:
+            user, _, item = line.split(",")
+            chosen.setdefault(user, set()).add(item)
+    hits = sum(len(chosen.get(user, set()) & set(items)) for user, items in reference["top_items"].items())
+    # total is 0 when no recommendations were asked for (--top-k 0)
+    total = sum(len(items) for items in reference["top_items"].values())
+    return hits / total if total else None
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    m, t = summary["metrics"], summary["timing"]
+    lines = [
+        f"mpc-rec run: {len(summary['parties'])} parties, dealer {summary['dealer']}"
+        + ("  ** INSECURE DEALER **" if summary["dealer"] != "ttp" else ""),
+        f"  data: {summary['data']['users']} users x {summary['data']['items']} items, "
+        f"{summary['data']['train_ratings']} train / {summary['data']['test_ratings']} test ratings",
+        f"  test RMSE: secure {m['rmse_secure']:.4f}, plaintext reference {m['rmse_plaintext']:.4f} "
+        f"(global mean {m['rmse_global_mean']:.4f})"
+        + (f"; top-k agreement with plaintext {m['top_k_agreement']:.1%}" if m["top_k_agreement"] is not None else ""),
+        f"  epoch: secure {t['secure_epoch_s']:.3f} s, plaintext {t['plaintext_epoch_s']:.4f} s "
+        f"({t['secure_over_plaintext']:.0f}x); secure run {t['secure_run_s']:.1f} s",
+        f"  outputs: {Path(summary['outputs'][summary['parties'][0]['name']]).parent}/"
+        " (summary.json, one folder per party)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Secure scoring: top-k revealed only to the owning party; only the test MSE revealed.
+
+Top-k runs k rounds of CrypTen's secure argmax over each user's item scores. Keys are
+made unique (score, then item index) so each argmax marks exactly one item; items the
+user rated in training are pushed below every candidate before the first round.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from mpc_rec.model import ModelState, predictions, squared_error_sum
+from mpc_rec.mpc.sharing import row_ranges
+from mpc_rec.mpc.training import divide
+
+# Scores of observed-rating models stay within a few units of the rating scale; these
+# offsets exceed any such score, so excluded and already-picked items sink to the bottom.
+_EXCLUDED_OFFSET = 1_000
+_PICKED_OFFSET = 4 * _EXCLUDED_OFFSET
+
+
+def secure_top_k(state: ModelState, mean: Any, exclude_mask: Any, k: int) -> Any:
+    """Item indices (users x k, best first) as a sharing; nothing is revealed here."""
+    n_items = exclude_mask.size(1)
+    index_bits = max(1, math.ceil(math.log2(n_items)))
+    scores = predictions(state, mean) - exclude_mask * _EXCLUDED_OFFSET
+    # key = score * 2^b + index / 2^16: ordered by score at 2^-16 resolution, ties
+    # broken by item index, so every key in a row is distinct.
+    tie_break = torch.arange(n_items, dtype=torch.float64) / 2**16
+    keys = scores * (2**index_bits) + tie_break
+    index_values = torch.arange(n_items, dtype=torch.float64)
+    picks = []
+    for _ in range(k):
+        one_hot = keys.argmax(dim=1, one_hot=True)
+        picks.append((one_hot * index_values).sum(1))
+        keys = keys - one_hot * (_PICKED_OFFSET * 2**index_bits)
+    return _stack(picks)
+
+
+def _stack(columns: list[Any]) -> Any:
+    from mpc_rec.compat import import_crypten
+
+    return import_crypten().stack(columns, dim=1)
+
+
+def reveal_rows_to_owners(shared: Any, rows_per_party: list[int], rank: int) -> torch.Tensor:
+    """Reveal each party's row block to that party alone; returns this party's block."""
+    mine = None
+    for owner, rows in enumerate(row_ranges(rows_per_party)):
+        value = shared[rows].get_plain_text(dst=owner)
+        if owner == rank:
+            mine = value
+    return mine
+
+
+def secure_mse(state: ModelState, mean: Any, test_ratings: Any, test_mask: Any) -> float:
+    """Mean squared test error; the one number revealed (to every party)."""
+    n_users, n_items = test_mask.size()
+    sse = squared_error_sum(state, mean, test_ratings, test_mask)
+    mse = divide(sse, test_mask.sum(), count_max=n_users * n_items)
+    return float(mse.get_plain_text())

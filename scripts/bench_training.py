@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Secure vs plaintext training speed, side by side in one run.
+
+For each party count, runs `mpc-rec run` (real party processes and the TTP dealer on
+loopback) for a few epochs without scoring, and reads the figures from its summary:
+seconds per secure epoch (rank 0), seconds per plaintext epoch of the same algorithm in
+the same command, their ratio, bytes sent per party per epoch, and peak memory per party.
+The last line printed is all figures as one JSON object.
+
+    .venv/bin/python scripts/bench_training.py [--data PATH] [--parties 2 3] [--epochs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "ml-100k" / "ml-100k.inter"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ratings file [ML-100K]")
+    parser.add_argument("--parties", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--factors", type=int, default=16)
+    parser.add_argument("--dealer", choices=["ttp", "insecure-tfp"], default="ttp")
+    args = parser.parse_args()
+    if not args.data.exists():
+        sys.exit(f"bench_training: data file {args.data} not found (pass --data)")
+    figures = {"data": str(args.data), "epochs": args.epochs, "factors": args.factors, "dealer": args.dealer, "runs": {}}
+    for parties in args.parties:
+        with tempfile.TemporaryDirectory() as out:
+            command = [sys.executable, "-m", "mpc_rec", "run", "--data", str(args.data), "--parties", str(parties),
+                       "--epochs", str(args.epochs), "--factors", str(args.factors), "--top-k", "0",
+                       "--out", out, "--timeout", "120", "--no-progress"]
+            if args.dealer == "insecure-tfp":
+                command.append("--insecure-tfp-dealer")
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"bench_training: {parties}-party run failed: {done.stderr.strip()}")
+            summary = json.loads((Path(out) / "summary.json").read_text())
+        timing = summary["timing"]
+        run = {
+            "secure_epoch_s": round(timing["secure_epoch_s"], 4),
+            "plaintext_epoch_s": round(timing["plaintext_epoch_s"], 5),
+            "ratio": round(timing["secure_over_plaintext"], 1),
+            "bytes_per_party_per_epoch": [int(p["training_bytes_per_epoch"]) for p in summary["parties"]],
+            "rounds_per_epoch": [p["training_rounds_per_epoch"] for p in summary["parties"]],
+            "peak_memory_mb_per_party": [round(p["peak_memory_mb"], 1) for p in summary["parties"]],
+            "rmse_secure": round(summary["metrics"]["rmse_secure"], 4),
+            "rmse_plaintext": round(summary["metrics"]["rmse_plaintext"], 4),
+        }
+        figures["runs"][f"{parties}_parties"] = run
+        print(f"{parties} parties: secure epoch {run['secure_epoch_s']:.3f} s, plaintext {run['plaintext_epoch_s']:.4f} s, "
+              f"ratio {run['ratio']}x; bytes/party/epoch {run['bytes_per_party_per_epoch']}; "
+              f"peak MB/party {run['peak_memory_mb_per_party']}", flush=True)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

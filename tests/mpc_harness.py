@@ -1,0 +1,55 @@
+"""Run a function in real, separate party processes (plus the TTP dealer) over loopback."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import traceback
+from typing import Any, Callable
+
+from mpc_rec.mpc.session import Endpoint, Session, serve_dealer
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _party_main(endpoint: Endpoint, function: Callable, args: tuple, queue: Any) -> None:
+    try:
+        if endpoint.is_dealer:
+            serve_dealer(endpoint)
+            return
+        with Session(endpoint) as session:
+            queue.put((endpoint.rank, "ok", function(session, *args)))
+    except BaseException:  # report everything to the test, which decides
+        queue.put((endpoint.rank, "error", traceback.format_exc()))
+
+
+def run_parties(function: Callable, world_size: int, *args: Any, dealer: str = "ttp",
+                timeout_s: float = 30.0, wait_s: float = 240.0) -> list[Any]:
+    """Call function(session, *args) in each of world_size party processes; rank-ordered results."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    rendezvous = f"tcp://127.0.0.1:{_free_port()}"
+    ranks = range(world_size + (1 if dealer == "ttp" else 0))
+    processes = [
+        context.Process(target=_party_main, args=(Endpoint(r, world_size, rendezvous, dealer, timeout_s), function, args, queue))
+        for r in ranks
+    ]
+    for process in processes:
+        process.start()
+    results: dict[int, Any] = {}
+    try:
+        for _ in range(world_size):
+            rank, status, value = queue.get(timeout=wait_s)
+            if status != "ok":
+                raise AssertionError(f"party {rank} failed:\n{value}")
+            results[rank] = value
+    finally:
+        for process in processes:
+            process.join(timeout=20)
+            if process.is_alive():
+                process.kill()
+    return [results[r] for r in range(world_size)]
