@@ -1,8 +1,10 @@
 """Secure scoring: top-k revealed only to the owning party; only the test MSE revealed.
 
-Top-k runs k rounds of CrypTen's secure argmax over each user's item scores. Keys are
-made unique (score, then item index) so each argmax marks exactly one item; items the
-user rated in training are pushed below every candidate before the first round.
+Top-k runs k rounds of a secure one-hot argmax over each user's item scores. Keys are
+made unique (score, then item index), so "key >= row maximum" marks exactly one item:
+no equality test and no random tie-breaking (CrypTen's argmax spends most of its
+comparisons on those). Items the user rated in training are pushed below every
+candidate before the first round.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mpc_rec.compat import import_crypten
 from mpc_rec.model import ModelState, predictions, squared_error_sum
 from mpc_rec.mpc.sharing import row_ranges
 from mpc_rec.mpc.training import divide
@@ -34,15 +37,24 @@ def secure_top_k(state: ModelState, mean: Any, exclude_mask: Any, k: int) -> Any
     index_values = torch.arange(n_items, dtype=torch.float64)
     picks = []
     for _ in range(k):
-        one_hot = keys.argmax(dim=1, one_hot=True)
+        one_hot = keys >= _row_maximum(keys).unsqueeze(1)
         picks.append((one_hot * index_values).sum(1))
         keys = keys - one_hot * (_PICKED_OFFSET * 2**index_bits)
     return _stack(picks)
 
 
-def _stack(columns: list[Any]) -> Any:
-    from mpc_rec.compat import import_crypten
+def _row_maximum(keys: Any) -> Any:
+    """Maximum of each row by a tournament: ceil(log2 I) rounds, I - 1 comparisons a row."""
+    crypten = import_crypten()
+    while keys.size(1) > 1:
+        half = keys.size(1) // 2
+        left, right, rest = keys[:, :half], keys[:, half:2 * half], keys[:, 2 * half:]
+        larger = right + (left >= right) * (left - right)
+        keys = crypten.cat([larger, rest], dim=1) if rest.size(1) else larger
+    return keys[:, 0]
 
+
+def _stack(columns: list[Any]) -> Any:
     return import_crypten().stack(columns, dim=1)
 
 
