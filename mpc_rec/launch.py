@@ -116,16 +116,19 @@ def run_local(options: RunOptions) -> dict[str, Any]:
     options.out.mkdir(parents=True, exist_ok=True)
     staging = options.out / f".staging-{uuid.uuid4().hex[:8]}"
     workdir = Path(tempfile.mkdtemp(prefix="mpc-rec-run-"))
+    progress = ProgressLine(total=options.train.epochs, enabled=options.progress)
     try:
         parties, user_blocks = write_deployment(options, workdir, staging, train, test, blocks, catalogue)
-        results = _run_processes(options, parties, workdir)
+        results = _run_processes(options, parties, workdir, progress)
         secure_s = time.perf_counter() - started
+        progress.note("plaintext reference run")
         reference = run_reference(train, test, user_blocks, catalogue, options.train, options.top_k)
         summary = _summarise(options, digest, ratings, train, test, user_blocks, parties, results, reference, secure_s)
         summary["outputs"] = _publish(staging, options.out, parties)
         write_text_atomic(options.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
     finally:
+        progress.close()
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -170,8 +173,8 @@ def _read_party_summary(party: _Party) -> dict[str, Any]:
     return json.loads((party.staged / "party.json").read_text())
 
 
-def _run_processes(options: RunOptions, parties: list[_Party], workdir: Path) -> list[dict[str, Any]]:
-    progress = ProgressLine(total=options.train.epochs, enabled=options.progress)
+def _run_processes(options: RunOptions, parties: list[_Party], workdir: Path, progress: ProgressLine) -> list[dict[str, Any]]:
+    progress.note(f"starting {options.parties} parties" + (" and the dealer" if options.dealer == "ttp" else ""))
     for party in parties:
         party.log = workdir / f"{party.name}.log"
         command = [sys.executable, "-m", "mpc_rec", "party", "--config", str(party.config)]
@@ -186,7 +189,6 @@ def _run_processes(options: RunOptions, parties: list[_Party], workdir: Path) ->
     reader.start()
     failure = _wait_all(parties, grace_s=options.timeout_s + 10)
     reader.join(timeout=5)
-    progress.close()
     if failure is not None:
         raise failure
     return [_read_party_summary(party) for party in parties if party.output is not None]
