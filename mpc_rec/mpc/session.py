@@ -57,6 +57,10 @@ def _configure(endpoint: Endpoint) -> Any:
     crypten = import_crypten()
     import torch.distributed.distributed_c10d as c10d
 
+    from mpc_rec.mpc import prg
+
+    prg.install()
+
     # CrypTen passes no timeout to torch.distributed; this default bounds every wait
     # (rendezvous, send, receive), so a dead or silent peer ends the run instead of hanging.
     c10d.default_pg_timeout = timedelta(seconds=endpoint.timeout_s)
