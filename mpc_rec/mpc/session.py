@@ -57,9 +57,10 @@ def _configure(endpoint: Endpoint) -> Any:
     crypten = import_crypten()
     import torch.distributed.distributed_c10d as c10d
 
-    from mpc_rec.mpc import prg
+    from mpc_rec.mpc import crypten_fixes, prg
 
     prg.install()
+    crypten_fixes.install()
 
     # CrypTen passes no timeout to torch.distributed; this default bounds every wait
     # (rendezvous, send, receive), so a dead or silent peer ends the run instead of hanging.

@@ -1,0 +1,34 @@
+"""Corrections to CrypTen 0.4.1 internals that mpc-rec depends on (installed per process).
+
+- TTP triples: every party but rank 0 used to *compute* the whole product of its two
+  random masks only to learn the product's shape (an int64 matmul of n x K by K x I
+  per Beaver matmul, discarded). The shape is now inferred on torch's "meta" device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _additive_triple(self: Any, size0: Any, size1: Any, op: str, device: Any = None, *args: Any, **kwargs: Any) -> Any:
+    import crypten.communicator as comm
+    from crypten.mpc.primitives import ArithmeticSharedTensor
+    from crypten.mpc.provider.ttp_provider import TTPClient, generate_random_ring_element
+
+    generator = TTPClient.get().get_generator(device=device)
+    a = generate_random_ring_element(size0, generator=generator, device=device)
+    b = generate_random_ring_element(size1, generator=generator, device=device)
+    if comm.get().get_rank() == 0:
+        c = TTPClient.get().ttp_request("additive", device, size0, size1, op, *args, **kwargs)
+    else:
+        shape = getattr(torch, op)(a.to("meta"), b.to("meta"), *args, **kwargs).size()
+        c = generate_random_ring_element(shape, generator=generator, device=device)
+    return tuple(ArithmeticSharedTensor.from_shares(x, precision=0) for x in (a, b, c))
+
+
+def install() -> None:
+    from crypten.mpc.provider.ttp_provider import TrustedThirdParty
+
+    TrustedThirdParty.generate_additive_triple = _additive_triple
