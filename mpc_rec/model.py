@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -51,12 +51,16 @@ class TrainConfig:
 
 @dataclass
 class TrainingData:
-    """Dense observed ratings (0 where unobserved), the 0/1 mask and derived counts."""
+    """Dense observed ratings (0 where unobserved), the 0/1 mask and derived weights.
+
+    ``item_weights`` scale the item-side L2 penalty: the item rating counts, or (under
+    differential privacy, where counts would be an un-noised aggregate) a public constant.
+    """
 
     ratings: Any
     mask: Any
     user_counts: Any
-    item_counts: Any
+    item_weights: Any
     mean: Any
 
 
@@ -93,20 +97,33 @@ def predictions(state: ModelState, mean: Any) -> Any:
     return scores + state.user_bias.unsqueeze(1) + state.item_bias.unsqueeze(0) + mean
 
 
-def train_epoch(state: ModelState, data: TrainingData, config: TrainConfig) -> ModelState:
+def exact_item_aggregates(error: Any, state: ModelState) -> tuple[Any, Any]:
+    """The data parts of the item-side gradients: E^T P and the column sums of E."""
+    return error.t().matmul(state.user_factors), error.sum(0)
+
+
+def train_epoch(
+    state: ModelState,
+    data: TrainingData,
+    config: TrainConfig,
+    item_aggregates: Callable[[Any, ModelState], tuple[Any, Any]] = exact_item_aggregates,
+) -> ModelState:
     """One full-batch momentum step. Works on torch tensors and on MPCTensors alike.
 
-    Counts multiply parameters before the public regularization constant, so that in
-    fixed point an integer-encoded count times a fixed-point value needs no truncation.
+    ``item_aggregates`` computes the sums over users that the item side needs; the
+    differentially private run passes one that clips and adds noise. Counts multiply
+    parameters before the public regularization constant, so that in fixed point an
+    integer-encoded count times a fixed-point value needs no truncation.
     """
     error = data.mask * predictions(state, data.mean) - data.ratings  # 0 where unobserved
     reg = config.regularization
-    users, items = data.user_counts.unsqueeze(1), data.item_counts.unsqueeze(1)
+    item_factor_sum, item_bias_sum = item_aggregates(error, state)
+    users, items = data.user_counts.unsqueeze(1), data.item_weights.unsqueeze(1)
     gradients = [
-        error.matmul(state.item_factors) + (users * state.user_factors) * reg,
-        error.t().matmul(state.user_factors) + (items * state.item_factors) * reg,
-        error.sum(1) + (data.user_counts * state.user_bias) * reg,
-        error.sum(0) + (data.item_counts * state.item_bias) * reg,
+        error.matmul(state.item_factors) + (state.user_factors * users) * reg,
+        item_factor_sum + (state.item_factors * items) * reg,
+        error.sum(1) + (state.user_bias * data.user_counts) * reg,
+        item_bias_sum + (state.item_bias * data.item_weights) * reg,
     ]
     if state.velocity:
         velocity = [v * config.momentum + g for v, g in zip(state.velocity, gradients)]

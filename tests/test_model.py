@@ -13,8 +13,8 @@ from mpc_rec.model import (
 def loss(params, data, reg):
     state = ModelState(*params)
     sse = squared_error_sum(state, data.mean, data.ratings, data.mask)
-    penalty = (data.user_counts.unsqueeze(1) * params[0] ** 2).sum() + (data.item_counts.unsqueeze(1) * params[1] ** 2).sum()
-    penalty = penalty + (data.user_counts * params[2] ** 2).sum() + (data.item_counts * params[3] ** 2).sum()
+    penalty = (data.user_counts.unsqueeze(1) * params[0] ** 2).sum() + (data.item_weights.unsqueeze(1) * params[1] ** 2).sum()
+    penalty = penalty + (data.user_counts * params[2] ** 2).sum() + (data.item_weights * params[3] ** 2).sum()
     return sse / 2 + reg / 2 * penalty
 
 
