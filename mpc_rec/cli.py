@@ -42,6 +42,13 @@ def main() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("mpc-rec-run"), show_default=True, help="Output folder: summary.json and one folder per party.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(1, 3600), default=30.0, show_default=True, help="Seconds a party waits for a peer before giving up.")
 @click.option("--insecure-tfp-dealer", is_flag=True, help="INSECURE: party 0 generates every Beaver triple (CrypTen TFP) and can read all products. Benchmarking only.")
+@click.option("--epsilon", type=click.FloatRange(0, min_open=True), default=4.0, show_default=True, help="User-level differential privacy budget of this run.")
+@click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-5, show_default=True, help="DP delta of this run.")
+@click.option("--dp-trust", type=click.IntRange(min=1), default=None, help="Parties assumed honest; the noise of that many parties alone carries the guarantee. [default: 1, i.e. all but one may collude]")
+@click.option("--dp-clip", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="Per-user L2 bound on each step's item-side contribution.")
+@click.option("--no-dp", is_flag=True, help="No differential privacy: exact outputs, labelled as such. Benchmarking only.")
+@click.option("--ledger-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("mpc-rec-ledger"), show_default=True, help="Privacy budget ledgers, one file per party.")
+@click.option("--budget-epsilon", type=click.FloatRange(0, min_open=True), default=50.0, show_default=True, help="Total epsilon per data set when a new ledger is created.")
 @click.option("--progress/--no-progress", default=None, help="Progress line on stderr. [default: when stderr is a terminal]")
 def run(**options: Any) -> None:
     """Run a complete local multi-party job: train, score, evaluate, summarise.
@@ -83,3 +90,15 @@ def party(config_path: Path, events: bool) -> None:
         rmse = result["rmse_secure"]
         click.echo(f"party {result['name']}: done" + (f", test RMSE {rmse:.4f}" if rmse is not None else "")
                    + f"; outputs in {config.output_dir}", err=True)
+
+
+@main.command(epilog=EXIT_CODES)
+@click.argument("ledger", type=click.Path(dir_okay=False, exists=False, path_type=Path))
+def budget(ledger: Path) -> None:
+    """Show a privacy budget ledger: spent and left per data set, and its digest."""
+    from mpc_rec.dp.ledger import format_ledger, load_ledger
+
+    try:
+        click.echo(format_ledger(load_ledger(ledger)))
+    except MpcRecError as exc:
+        _fail(exc)

@@ -25,12 +25,48 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "data": {"train": str, "test": str, "catalogue": str, "rating_min": (int, float), "rating_max": (int, float)},
     "train": {f.name: (int, float) if f.type in ("float",) else int for f in fields(TrainConfig)},
     "output": {"dir": str, "top_k": int},
+    "privacy": {
+        "epsilon": (int, float), "delta": float, "trusted_parties": int, "clip_step": (int, float),
+        "clip_eval": (int, float), "item_weight": (int, float), "dataset": str, "run_id": str,
+        "timestamp": str, "ledger": str, "budget_epsilon": (int, float), "budget_delta": float,
+    },
 }
+_PRIVACY_REQUIRED = ("epsilon", "dataset", "run_id", "timestamp", "ledger")
 _REQUIRED = {
     "compute": [("party", "name"), ("party", "rank"), ("party", "world_size"), ("network", "rendezvous"),
                 ("data", "train"), ("data", "catalogue"), ("output", "dir")],
     "dealer": [("party", "rank"), ("party", "world_size"), ("network", "rendezvous")],
 }
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy of one run; absent means a labelled no-DP run."""
+
+    epsilon: float
+    dataset: str
+    run_id: str
+    timestamp: str
+    ledger: Path
+    delta: float = 1e-5
+    trusted_parties: int = 1
+    clip_step: float = 1.0
+    clip_eval: float = 30.0
+    item_weight: float = 20.0
+    budget_epsilon: float = 10.0
+    budget_delta: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if not self.epsilon > 0 or not 0 < self.delta < 1:
+            raise ConfigError(f"privacy: need epsilon > 0 and 0 < delta < 1, got {self.epsilon}, {self.delta}")
+        if min(self.clip_step, self.clip_eval, self.item_weight) <= 0:
+            raise ConfigError("privacy: clip_step, clip_eval and item_weight must be positive")
+        if not self.budget_epsilon > 0 or not 0 < self.budget_delta < 1:
+            raise ConfigError("privacy: budget_epsilon must be positive and budget_delta in (0, 1)")
+
+    def public(self) -> dict[str, Any]:
+        """What every party must agree on (the ledger file path is each party's own)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("ledger", "budget_epsilon", "budget_delta")}
 
 
 @dataclass(frozen=True)
@@ -45,6 +81,7 @@ class PartyConfig:
     rating_range: tuple[float, float]
     output_dir: Path | None
     top_k: int
+    privacy: PrivacyConfig | None = None
 
 
 def load_party_config(path: str | os.PathLike[str]) -> PartyConfig:
@@ -98,7 +135,18 @@ def parse_party_config(raw: dict[str, Any], *, base: Path) -> PartyConfig:
     top_k = section("output").get("top_k", 10)
     if top_k < 0:
         raise ConfigError(f"output.top_k must be 0 (no recommendations) or more, got {top_k}")
+    privacy = None
+    if section("privacy"):
+        missing = [key for key in _PRIVACY_REQUIRED if key not in section("privacy")]
+        if missing:
+            raise ConfigError(f"missing required setting privacy.{missing[0]}")
+        settings = dict(section("privacy"))
+        settings["ledger"] = resolve(settings["ledger"])
+        privacy = PrivacyConfig(**settings)
+        if not 1 <= privacy.trusted_parties <= endpoint.world_size:
+            raise ConfigError(f"privacy.trusted_parties must be in 1..{endpoint.world_size}, got {privacy.trusted_parties}")
     return PartyConfig(
+        privacy=privacy,
         name=section("party").get("name", f"rank{endpoint.rank}"),
         role=role,
         endpoint=endpoint,

@@ -45,6 +45,10 @@ SECURITY_NOTES = {
 }
 
 
+DEFAULT_PRIVACY = {"epsilon": 4.0, "delta": 1e-5, "trusted_parties": 1, "clip_step": 1.0, "clip_eval": 30.0,
+                   "item_weight": 20.0, "budget_epsilon": 50.0, "budget_delta": 1e-3}
+
+
 @dataclass(frozen=True)
 class RunOptions:
     parties: int = 3
@@ -57,12 +61,21 @@ class RunOptions:
     timeout_s: float = 30.0
     dealer: str = "ttp"
     progress: bool | None = None
+    privacy: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_PRIVACY))
+    ledger_dir: Path = Path("mpc-rec-ledger")
 
     @classmethod
     def from_cli(cls, options: dict[str, Any]) -> "RunOptions":
         train_keys = {"epochs": "epochs", "factors": "factors", "learning_rate": "learning_rate",
                       "regularization": "regularization", "seed": "seed"}
         train = {name: options[key] for key, name in train_keys.items() if options.get(key) is not None}
+        privacy = None
+        if not options["no_dp"]:
+            privacy = dict(DEFAULT_PRIVACY, epsilon=options["epsilon"], delta=options["delta"],
+                           trusted_parties=options["dp_trust"] or 1,
+                           clip_step=options["dp_clip"], budget_epsilon=options["budget_epsilon"])
+            if not 1 <= privacy["trusted_parties"] <= options["parties"]:
+                raise ConfigError(f"--dp-trust must be between 1 and --parties ({options['parties']})")
         lo, hi = options["rating_range"]
         if not lo < hi:
             raise ConfigError(f"--rating-range: smallest rating {lo} must be below largest {hi}")
@@ -71,7 +84,7 @@ class RunOptions:
             test_fraction=options["test_fraction"], top_k=options["top_k"], rating_range=(lo, hi),
             out=options["out"], timeout_s=options["timeout_s"],
             dealer="insecure-tfp" if options["insecure_tfp_dealer"] else "ttp",
-            progress=options["progress"],
+            progress=options["progress"], privacy=privacy, ledger_dir=options["ledger_dir"],
         )
 
     def reproducible(self, data_digest: str) -> dict[str, Any]:
@@ -79,13 +92,15 @@ class RunOptions:
         described.update(data=str(self.data) if self.data else "embedded-synthetic",
                          data_sha256=data_digest, out=str(self.out), train=self.train.to_dict())
         described.pop("progress")
+        described["ledger_dir"] = str(self.ledger_dir)
         return described
 
 
 def _load(options: RunOptions) -> tuple[Ratings, str]:
     if options.data is None:
         ratings = synthetic_ratings(seed=options.train.seed)
-        return ratings, "synthetic:" + hashlib.sha256(repr(len(ratings)).encode()).hexdigest()[:16]
+        content = "\n".join(f"{u},{i},{v!r}" for u, i, v in zip(ratings.users, ratings.items, ratings.values))
+        return ratings, hashlib.sha256(content.encode()).hexdigest()
     ratings = load_ratings(options.data, rating_range=options.rating_range)
     return ratings, hashlib.sha256(options.data.read_bytes()).hexdigest()
 
@@ -118,7 +133,7 @@ def run_local(options: RunOptions) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="mpc-rec-run-"))
     progress = ProgressLine(total=options.train.epochs, enabled=options.progress)
     try:
-        parties, user_blocks = write_deployment(options, workdir, staging, train, test, blocks, catalogue)
+        parties, user_blocks = write_deployment(options, workdir, staging, train, test, blocks, catalogue, digest)
         results = _run_processes(options, parties, workdir, progress)
         secure_s = time.perf_counter() - started
         progress.note("plaintext reference run")
@@ -133,13 +148,14 @@ def run_local(options: RunOptions) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_deployment(options, workdir, staging, train, test, blocks, catalogue):
+def write_deployment(options, workdir, staging, train, test, blocks, catalogue, dataset="unnamed"):
     write_catalogue(catalogue, workdir / "catalogue.txt")
     rendezvous = f"tcp://127.0.0.1:{_free_port()}"
     common = {
         "network": {"rendezvous": rendezvous, "timeout_s": options.timeout_s},
         "dealer": {"kind": options.dealer},
     }
+    run_id, timestamp = uuid.uuid4().hex, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     parties, user_blocks = [], []
     for rank, block in enumerate(blocks):
         name = f"party-{rank}"
@@ -157,6 +173,11 @@ def write_deployment(options, workdir, staging, train, test, blocks, catalogue):
             "train": options.train.to_dict(),
             "output": {"dir": str((staging / name).resolve()), "top_k": options.top_k},
         }
+        if options.privacy is not None:
+            document["privacy"] = {
+                **options.privacy, "dataset": dataset, "run_id": run_id, "timestamp": timestamp,
+                "ledger": str((options.ledger_dir / f"{name}.json").resolve()),
+            }
         path = workdir / f"{name}.toml"
         write_text_atomic(path, dump_toml(document))
         parties.append(_Party(name, rank, path, options.out / name, staging / name))
@@ -206,7 +227,7 @@ def _follow_events(stream, progress: "ProgressLine") -> None:
             progress.note("secure scoring and evaluation")
 
 
-def _wait_all(parties: list[_Party], grace_s: float) -> PeerError | None:
+def _wait_all(parties: list[_Party], grace_s: float) -> InputError | PeerError | None:
     """Wait for every process; after the first failure give the rest grace_s, then kill."""
     deadline = None
     first_failure = None
@@ -227,8 +248,9 @@ def _wait_all(parties: list[_Party], grace_s: float) -> PeerError | None:
         time.sleep(0.05)
     if first_failure is None:
         return None
-    return PeerError(f"{first_failure.name} failed (exit {first_failure.process.returncode}): "
-                     f"{_last_error(first_failure.log)}")
+    code = first_failure.process.returncode
+    error = InputError if code == InputError.exit_code else PeerError  # keep "bad input" as such
+    return error(f"{first_failure.name} failed (exit {code}): {_last_error(first_failure.log)}")
 
 
 def _last_error(log: Path) -> str:
@@ -260,6 +282,8 @@ def _summarise(options, digest, ratings, train, test, user_blocks, parties, resu
     return {
         "mpc_rec_version": __version__,
         "dealer": DEALER_LABELS[options.dealer],
+        "privacy": rank0["privacy"],
+        "reveals": rank0["reveals"],
         "security": SECURITY_NOTES[options.dealer],
         "config": options.reproducible(digest),
         "data": {
@@ -312,9 +336,17 @@ def _top_k_agreement(parties: list[_Party], reference: dict[str, Any]) -> float:
 
 def format_summary(summary: dict[str, Any]) -> str:
     m, t = summary["metrics"], summary["timing"]
+    privacy = summary["privacy"]
+    if privacy["mode"] == "dp":
+        privacy_line = (f"  privacy: ({privacy['epsilon']:.3g}, {privacy['delta']:.0e})-DP per user, "
+                        f"noise sigma {privacy['sigma_total']:.3g} per step, clip {privacy['clipping']['step']:g}; "
+                        f"{privacy['trust']}")
+    else:
+        privacy_line = "  privacy: ** NO DIFFERENTIAL PRIVACY (--no-dp): outputs are exact **"
     lines = [
         f"mpc-rec run: {len(summary['parties'])} parties, dealer {summary['dealer']}"
         + ("  ** INSECURE DEALER **" if summary["dealer"] != "ttp" else ""),
+        privacy_line,
         f"  data: {summary['data']['users']} users x {summary['data']['items']} items, "
         f"{summary['data']['train_ratings']} train / {summary['data']['test_ratings']} test ratings",
         f"  test RMSE: secure {m['rmse_secure']:.4f}, plaintext reference {m['rmse_plaintext']:.4f} "

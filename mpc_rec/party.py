@@ -13,14 +13,17 @@ import torch
 from mpc_rec import __version__
 from mpc_rec.config import PartyConfig
 from mpc_rec.data import dense_matrices, load_ratings, read_catalogue, sort_ids
+from mpc_rec.dp.reveal import RevealLog, declare_public, noised
 from mpc_rec.errors import PeerError
 from mpc_rec.files import write_text_atomic
-from mpc_rec.mpc.scoring import reveal_rows_to_owners, secure_mse, secure_top_k
+from mpc_rec.mpc.reveal import log_entries, open_rows_to_owners, open_to_all
+from mpc_rec.mpc.scoring import secure_mse, secure_top_k
 from mpc_rec.mpc.session import Session, serve_dealer
 from mpc_rec.mpc.sharing import agree, share_rows
 from mpc_rec.mpc.training import shared_training_data, train_secure
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+NO_DP_REASON = "no-dp run: exact value, for benchmarking only"
 Reporter = Callable[[dict[str, Any]], None]
 
 
@@ -29,18 +32,41 @@ def run_party(config: PartyConfig, report: Reporter = lambda event: None) -> dic
     if config.role == "dealer":
         serve_dealer(config.endpoint)
         return {"role": "dealer", "rank": config.endpoint.rank}
-    local = _load_local_data(config)
+    catalogue = read_catalogue(config.catalogue_path)  # public
+    plan, ledger_digest = _reserve_budget(config, len(catalogue))  # before any private data is read
+    local = _load_local_data(config, catalogue)
     try:
-        result = _run_protocols(config, local, report)
+        result = _run_protocols(config, local, plan, ledger_digest, report)
     except RuntimeError as exc:  # torch.distributed reports lost or silent peers this way
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeerError(f"party '{config.name}' lost contact with the others: {detail}") from None
-    _write_outputs(config, local["users"], local["catalogue"], local["rated"], result)
+    _write_outputs(config, local["users"], catalogue, local["rated"], result)
     return result
 
 
-def _load_local_data(config: PartyConfig) -> dict[str, Any]:
-    catalogue = read_catalogue(config.catalogue_path)
+def _reserve_budget(config: PartyConfig, n_items: int) -> tuple[Any, str | None]:
+    """Calibrate the noise for the requested (epsilon, delta) and book it in the ledger."""
+    privacy = config.privacy
+    if privacy is None:
+        return None, None
+    from mpc_rec.dp.accounting import calibrate
+    from mpc_rec.dp.clipping import ClipBounds
+    from mpc_rec.dp.ledger import create_ledger, ledger_digest, reserve_for_plan
+
+    plan = calibrate(
+        target_epsilon=privacy.epsilon, delta=privacy.delta, steps=config.train.epochs,
+        clip=ClipBounds(step=privacy.clip_step, mean=privacy.clip_eval),
+        dimension=n_items * (config.train.factors + 1), parties=config.endpoint.world_size,
+        trusted_parties=privacy.trusted_parties, mean_releases=1 if config.test_path else 0,
+    )
+    if not privacy.ledger.exists():
+        privacy.ledger.parent.mkdir(parents=True, exist_ok=True)
+        create_ledger(privacy.ledger, total_epsilon=privacy.budget_epsilon, total_delta=privacy.budget_delta)
+    reserve_for_plan(privacy.ledger, plan, dataset=privacy.dataset, run_id=privacy.run_id, timestamp=privacy.timestamp)
+    return plan, ledger_digest(privacy.ledger)
+
+
+def _load_local_data(config: PartyConfig, catalogue: list[str]) -> dict[str, Any]:
     train = load_ratings(config.train_path, rating_range=config.rating_range)
     test = load_ratings(config.test_path, rating_range=config.rating_range) if config.test_path else None
     users = sort_ids(list(train.users) + (list(test.users) if test is not None else []))
@@ -51,7 +77,7 @@ def _load_local_data(config: PartyConfig) -> dict[str, Any]:
     return local
 
 
-def public_parameters(config: PartyConfig, catalogue: list[str], evaluate: bool) -> dict[str, Any]:
+def public_parameters(config: PartyConfig, catalogue: list[str], evaluate: bool, plan: Any, ledger: str | None) -> dict[str, Any]:
     """Everything the parties must agree on before any share is sent."""
     return {
         "catalogue": catalogue,
@@ -60,46 +86,69 @@ def public_parameters(config: PartyConfig, catalogue: list[str], evaluate: bool)
         "top_k": config.top_k,
         "rating_range": list(config.rating_range),
         "evaluation": evaluate,
+        "privacy_settings": None if config.privacy is None else config.privacy.public(),
+        "noise_plan": None if plan is None else plan.digest(),
+        "privacy_ledger": ledger,
         "versions": {"mpc_rec": __version__, "protocol": PROTOCOL_VERSION},
     }
 
 
-def _run_protocols(config: PartyConfig, local: dict[str, Any], report: Reporter) -> dict[str, Any]:
+def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger: str | None, report: Reporter) -> dict[str, Any]:
+    from mpc_rec.mpc.privacy import noised_item_aggregates, private_mse, private_training_data
+
     rank = config.endpoint.rank
     evaluate = local["test"] is not None
     to_tensor = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+    reveals = RevealLog(plan_digest=None if plan is None else plan.digest())
     timings: dict[str, Any] = {}
     with Session(config.endpoint) as session:
         started = time.perf_counter()
-        rows = agree(session.comm, len(local["users"]), public_parameters(config, local["catalogue"], evaluate))
+        public = public_parameters(config, local["catalogue"], evaluate, plan, ledger)
+        rows = agree(session.comm, len(local["users"]), public)
         ratings = share_rows(to_tensor(local["ratings"]), rows, rank)
         mask = share_rows(to_tensor(local["rated"]), rows, rank, precision=0)
-        data = shared_training_data(ratings, mask)
+        if plan is None:
+            data, hook = shared_training_data(ratings, mask), None
+        else:
+            midpoint = sum(config.rating_range) / 2
+            data = private_training_data(ratings, mask, midpoint=midpoint, item_weight=config.privacy.item_weight)
+            hook = noised_item_aggregates(plan, factors=config.train.factors)
         timings["setup_s"] = time.perf_counter() - started
         before_training = session.traffic()
 
         def on_epoch(epoch: int, seconds: float) -> None:
             report({"event": "epoch", "epoch": epoch, "epochs": config.train.epochs, "seconds": seconds})
 
-        state, epoch_seconds = train_secure(data, config.train, on_epoch)
+        state, epoch_seconds = train_secure(data, config.train, on_epoch, item_aggregates=hook)
         after_training = session.traffic()
         timings["secure_epoch_s"] = float(np.mean(epoch_seconds))
         timings["epoch_s"] = epoch_seconds
 
+        report({"event": "scoring"})
         started = time.perf_counter()
         mse = None
         if evaluate:
             test_ratings, test_mask = local["test"]
             shared_test = share_rows(to_tensor(test_ratings), rows, rank)
             shared_test_mask = share_rows(to_tensor(test_mask), rows, rank, precision=0)
-            mse = secure_mse(state, data.mean, shared_test, shared_test_mask)
+            if plan is None:
+                tagged = declare_public(secure_mse(state, data.mean, shared_test, shared_test_mask), reason=NO_DP_REASON)
+            else:
+                span = config.rating_range[1] - config.rating_range[0]
+                value = private_mse(state, data.mean, shared_test, shared_test_mask, plan, rating_span=span)
+                tagged = noised(value, plan=plan, release="mean", index=0, aggregate="test MSE")
+            mse = float(open_to_all(tagged, name="test MSE", log=reveals))
         timings["evaluation_s"] = time.perf_counter() - started
-        report({"event": "scoring"})
         started = time.perf_counter()
         my_top = np.zeros((len(local["users"]), 0))
         if config.top_k > 0:
             top = secure_top_k(state, data.mean, mask, config.top_k)
-            my_top = reveal_rows_to_owners(top, rows, rank).numpy()
+            if plan is None:
+                tagged = declare_public(top, reason=NO_DP_REASON)
+            else:
+                tagged = noised(top, plan=plan, release="step", index=plan.steps - 1,
+                                aggregate="top-k: own users' data and the noised item side (joint DP)")
+            my_top = open_rows_to_owners(tagged, rows, rank, name="top-k item indices", log=reveals).numpy()
         timings["scoring_s"] = time.perf_counter() - started
         total = session.traffic()
     epochs = config.train.epochs
@@ -110,6 +159,8 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], report: Reporter)
         "users": len(local["users"]),
         "rows_per_party": rows,
         "rmse_secure": None if mse is None else float(np.sqrt(max(mse, 0.0))),
+        "privacy": _privacy_record(config, plan, ledger),
+        "reveals": log_entries(reveals),
         "timing": timings,
         "traffic": {
             "bytes_sent": total["bytes"],
@@ -120,6 +171,31 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], report: Reporter)
         },
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "top_indices": np.rint(my_top).astype(np.int64),
+    }
+
+
+def _privacy_record(config: PartyConfig, plan: Any, ledger: str | None) -> dict[str, Any]:
+    if plan is None:
+        return {"mode": "no-dp", "note": "no differential privacy: outputs are exact (benchmarking only)"}
+    return {
+        "mode": "dp",
+        "epsilon": plan.epsilon,
+        "delta": plan.delta,
+        "target_epsilon": plan.target_epsilon,
+        "mechanism": plan.mechanism,
+        "accountant": plan.accountant,
+        "noise_multiplier": plan.noise_multiplier,
+        "sigma_total": plan.sigma_total,
+        "sigma_party": plan.sigma_party,
+        "eval_sigma_total": plan.mean_sigma_total,
+        "clipping": {"step": plan.clip.step, "eval": plan.clip.mean},
+        "trust": plan.trust_assumption,
+        "neighbouring": "user-level (all ratings of one user), replace-one",
+        "global_mean": "public midpoint of the rating scale (no budget)",
+        "item_penalty_weight": config.privacy.item_weight,
+        "dataset": config.privacy.dataset,
+        "ledger_digest": ledger,
+        "plan": plan.to_dict(),
     }
 
 

@@ -26,7 +26,7 @@ def small_data(tmp_path) -> Path:
 def test_run_end_to_end(small_data, tmp_path, parties):
     out = tmp_path / "out"
     done = run_cli("run", "--parties", str(parties), "--data", str(small_data), "--epochs", "8",
-                   "--top-k", "3", "--out", str(out), "--learning-rate", "0.01")
+                   "--top-k", "3", "--out", str(out), "--learning-rate", "0.01", "--no-dp")
     assert done.returncode == 0, done.stderr
     summary = json.loads((out / "summary.json").read_text())
     metrics = summary["metrics"]
@@ -41,12 +41,35 @@ def test_run_end_to_end(small_data, tmp_path, parties):
         assert lines[0] == "user,rank,item" and len(lines) > 1
     assert not list(out.glob(".staging-*"))
     assert "test RMSE: secure" in done.stdout
+    assert summary["privacy"]["mode"] == "no-dp" and "NO DIFFERENTIAL PRIVACY" in done.stdout
+    assert {r["tag"] for r in summary["reveals"]} == {"DeclaredPublic"}
 
+
+def test_dp_run_reports_privacy_and_books_the_ledger(small_data, tmp_path):
+    ledger = tmp_path / "ledger"
+    args = ["run", "--parties", "2", "--data", str(small_data), "--epochs", "3", "--top-k", "2",
+            "--epsilon", "3", "--ledger-dir", str(ledger), "--budget-epsilon", "5"]
+    first = run_cli(*args, "--out", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    privacy = summary["privacy"]
+    assert privacy["mode"] == "dp" and privacy["epsilon"] <= 3.0 + 1e-9 and privacy["delta"] == 1e-5
+    assert privacy["sigma_total"] > 0 and privacy["clipping"]["step"] == 1.0
+    assert "all but" in privacy["trust"] or "at least 1" in privacy["trust"]
+    assert {r["tag"] for r in summary["reveals"]} == {"Noised"}
+    assert sorted(p.name for p in ledger.iterdir() if p.suffix == ".json") == ["party-0.json", "party-1.json"]
+    # a second run of epsilon 3 would exceed the total of 5: refused before any data is read
+    second = run_cli(*args, "--out", str(tmp_path / "b"))
+    assert second.returncode == 2
+    assert "budget" in second.stderr.lower() and len(second.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "b" / "summary.json").exists()
+    shown = run_cli("budget", str(ledger / "party-0.json"))
+    assert shown.returncode == 0 and "left epsilon 2" in shown.stdout
 
 def test_insecure_dealer_is_labelled(small_data, tmp_path):
     out = tmp_path / "out"
     done = run_cli("run", "--parties", "2", "--data", str(small_data), "--epochs", "2", "--top-k", "2",
-                   "--out", str(out), "--insecure-tfp-dealer")
+                   "--out", str(out), "--insecure-tfp-dealer", "--no-dp")
     assert done.returncode == 0, done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dealer"] == "insecure-tfp" and summary["security"].startswith("INSECURE")
@@ -66,7 +89,7 @@ def test_bad_data_is_one_clear_line(tmp_path, content, problem):
     if content is not None:
         path.write_text(content)
     out = tmp_path / "out"
-    done = run_cli("run", "--data", str(path), "--out", str(out), timeout=60)
+    done = run_cli("run", "--data", str(path), "--out", str(out), "--ledger-dir", str(tmp_path / "l"), timeout=60)
     assert done.returncode == 2
     message = done.stderr.strip().splitlines()
     assert len(message) == 1 and "ratings.csv" in message[0] and problem in message[0], done.stderr
@@ -83,7 +106,7 @@ def test_bad_party_config(tmp_path):
 def _deployment(tmp_path, timeout_s=8.0, epochs=200):
     ratings = synthetic_ratings(n_users=40, n_items=20, density=0.3, seed=4)
     train, test = split_train_test(ratings, seed=0)
-    options = RunOptions(parties=2, train=TrainConfig(epochs=epochs), timeout_s=timeout_s, top_k=2)
+    options = RunOptions(parties=2, train=TrainConfig(epochs=epochs), timeout_s=timeout_s, top_k=2, privacy=None)
     staging = tmp_path / "staging"
     parties, _ = write_deployment(options, tmp_path, staging, train, test,
                                   partition_users(ratings, 2), ratings.item_ids())

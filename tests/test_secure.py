@@ -11,7 +11,9 @@ from mpc_rec.errors import PeerError
 from mpc_rec.model import (
     ModelState, TrainConfig, initial_parameters, plaintext_data, predictions, top_k_plain, train_epoch,
 )
-from mpc_rec.mpc.scoring import reveal_rows_to_owners, secure_mse, secure_top_k
+from mpc_rec.dp.reveal import RevealLog, UnnoisedRevealError, declare_public
+from mpc_rec.mpc.reveal import open_rows_to_owners, open_to_all
+from mpc_rec.mpc.scoring import secure_mse, secure_top_k
 from mpc_rec.mpc.sharing import agree, share_rows
 from mpc_rec.mpc.training import divide, shared_training_data, train_secure
 
@@ -38,8 +40,10 @@ def _train_and_score(session, rows, config, k):
     m = share_rows(_blocks(rank, rows, mask), rows, rank, precision=0)
     data = shared_training_data(r, m)
     state, _ = train_secure(data, config)
-    mine = reveal_rows_to_owners(secure_top_k(state, data.mean, m, k), rows, rank)
-    mse = secure_mse(state, data.mean, r, m)
+    log = RevealLog()
+    top = declare_public(secure_top_k(state, data.mean, m, k), reason="test")
+    mine = open_rows_to_owners(top, rows, rank, name="top-k", log=log)
+    mse = float(open_to_all(declare_public(secure_mse(state, data.mean, r, m), reason="test"), name="mse", log=log))
     factors = state.item_factors.get_plain_text()  # revealed here only to compare with plaintext
     return {"top": mine.numpy(), "mse": mse, "mean": float(data.mean.get_plain_text()), "items": factors.numpy()}
 
@@ -70,7 +74,7 @@ def _reveal_check(session, rows):
     rank = session.endpoint.rank
     values = torch.arange(sum(rows) * 2, dtype=torch.float64).reshape(-1, 2)
     shared = share_rows(_blocks(rank, rows, values.numpy()), rows, rank)
-    return reveal_rows_to_owners(shared, rows, rank)
+    return open_rows_to_owners(declare_public(shared, reason="test"), rows, rank, name="rows", log=RevealLog())
 
 
 def test_each_party_receives_only_its_own_rows():
@@ -111,3 +115,22 @@ def test_agreement_names_the_mismatch():
     assert ok == [[5, 5], [5, 5]]
     refused = run_parties(_agree, 2, [["a", "b"], ["a", "c"]])
     assert all(r.startswith("refused") and "'catalogue'" in r for r in refused)
+
+
+def _untagged_reveal(session):
+    import crypten
+
+    shared = crypten.cryptensor(torch.ones(3), src=0)
+    refused = []
+    for attempt in (lambda: open_to_all(shared, name="raw aggregate", log=RevealLog()),
+                    lambda: open_rows_to_owners(shared, [2, 1], session.endpoint.rank, name="raw rows", log=RevealLog())):
+        try:
+            attempt()
+        except UnnoisedRevealError as exc:
+            refused.append(str(exc))
+    return refused
+
+
+def test_reveal_choke_point_refuses_untagged_values():
+    for refused in run_parties(_untagged_reveal, 2):
+        assert len(refused) == 2 and all("not noised and not declared public" in r for r in refused)

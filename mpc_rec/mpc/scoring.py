@@ -1,4 +1,4 @@
-"""Secure scoring: top-k revealed only to the owning party; only the test MSE revealed.
+"""Secure scoring: top-k indices and the test MSE, computed on shares (opened in mpc.reveal).
 
 Top-k runs k rounds of a secure one-hot argmax over each user's item scores. Keys are
 made unique (score, then item index), so "key >= row maximum" marks exactly one item:
@@ -16,7 +16,6 @@ import torch
 
 from mpc_rec.compat import import_crypten
 from mpc_rec.model import ModelState, predictions, squared_error_sum
-from mpc_rec.mpc.sharing import row_ranges
 from mpc_rec.mpc.training import divide
 
 # Scores of observed-rating models stay within a few units of the rating scale; these
@@ -58,19 +57,8 @@ def _stack(columns: list[Any]) -> Any:
     return import_crypten().stack(columns, dim=1)
 
 
-def reveal_rows_to_owners(shared: Any, rows_per_party: list[int], rank: int) -> torch.Tensor:
-    """Reveal each party's row block to that party alone; returns this party's block."""
-    mine = None
-    for owner, rows in enumerate(row_ranges(rows_per_party)):
-        value = shared[rows].get_plain_text(dst=owner)
-        if owner == rank:
-            mine = value
-    return mine
-
-
-def secure_mse(state: ModelState, mean: Any, test_ratings: Any, test_mask: Any) -> float:
-    """Mean squared test error; the one number revealed (to every party)."""
+def secure_mse(state: ModelState, mean: Any, test_ratings: Any, test_mask: Any) -> Any:
+    """Exact mean squared test error, as a sharing (opened only through mpc.reveal)."""
     n_users, n_items = test_mask.size()
     sse = squared_error_sum(state, mean, test_ratings, test_mask)
-    mse = divide(sse, test_mask.sum(), count_max=n_users * n_items)
-    return float(mse.get_plain_text())
+    return divide(sse, test_mask.sum(), count_max=n_users * n_items)

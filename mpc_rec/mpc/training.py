@@ -8,7 +8,9 @@ from typing import Any, Callable
 
 import torch
 
-from mpc_rec.model import ModelState, TrainConfig, TrainingData, initial_parameters, train_epoch
+from mpc_rec.model import (
+    ModelState, TrainConfig, TrainingData, exact_item_aggregates, initial_parameters, train_epoch,
+)
 from mpc_rec.mpc.sharing import share_public
 
 
@@ -22,15 +24,18 @@ def to_fixed_point(x: Any) -> Any:
     return result
 
 
-def divide(numerator: Any, count: Any, *, count_max: int) -> Any:
-    """numerator / count for a shared integer count in [1, count_max] (public bound).
+def divide(numerator: Any, count: Any, *, count_max: int, fixed_point: bool = False) -> Any:
+    """numerator / count for a shared count in [1, count_max] (public bound).
+
+    ``count`` is integer-encoded (precision 0) unless ``fixed_point`` says it is already
+    at the fixed-point scale (e.g. a noised, clipped count).
 
     Newton's iteration y <- y (2 - z y) for 1/z, z = count / count_max in (0, 1], from
     y = 1: y grows at most twofold per step until it reaches 1/z, then converges
     quadratically, so log2(count_max) + 6 steps always suffice. Relative error is about
     2^-16 * count_max / count (the fixed-point resolution of z).
     """
-    z = to_fixed_point(count).div(count_max)
+    z = (count if fixed_point else to_fixed_point(count)).div(count_max)
     y = share_public(torch.tensor(1.0, dtype=torch.float64))
     for _ in range(int(math.ceil(math.log2(count_max))) + 6):
         y = y * (2 - z * y)
@@ -48,6 +53,7 @@ def train_secure(
     data: TrainingData,
     config: TrainConfig,
     on_epoch: Callable[[int, float], None] | None = None,
+    item_aggregates: Callable | None = None,
 ) -> tuple[ModelState, list[float]]:
     """Train from the public initialisation; returns the shared model and epoch times."""
     n_users, n_items = data.ratings.size()
@@ -55,7 +61,7 @@ def train_secure(
     epoch_seconds = []
     for epoch in range(config.epochs):
         started = time.perf_counter()
-        state = train_epoch(state, data, config)
+        state = train_epoch(state, data, config, item_aggregates or exact_item_aggregates)
         epoch_seconds.append(time.perf_counter() - started)
         if on_epoch is not None:
             on_epoch(epoch + 1, epoch_seconds[-1])

@@ -1,0 +1,87 @@
+"""Differential privacy inside the protocol: clip per user, add every party's noise.
+
+User-level DP with joint-DP post-processing (see protocols/dp-noise.md):
+- every training step, the item-side sums (E^T P and the column sums of E) are formed
+  from per-user contributions clipped to L2 norm C on shares, and each compute party
+  adds its own exact discrete Gaussian sample (OS CSPRNG) to its share of them before
+  the step uses them; nothing depends on the un-noised sums;
+- user-side state uses only the user's own data and the noised item side;
+- the global mean is not estimated from data: it is the public midpoint of the rating
+  scale (the biases absorb the rest), so it costs no budget;
+- the test metric is one "mean" release: per-user (SSE / range^2, count) pairs clipped to
+  C_eval, noised the same way, divided on shares, and only the ratio is opened.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from mpc_rec.dp.clipping import clip_scale, mpc_clip_target
+from mpc_rec.dp.noise import party_noise
+from mpc_rec.model import ModelState, TrainingData, predictions
+from mpc_rec.mpc.training import divide
+
+
+def add_own_noise(shared: Any, plan: Any, release: str) -> Any:
+    """Add this party's noise to its own additive share: the opened sum carries all parties' noise."""
+    noisy = shared.clone()
+    noise = torch.from_numpy(party_noise(plan, tuple(shared.size()), release=release))
+    noisy._tensor.share = noisy._tensor.share + noise
+    return noisy
+
+
+def private_training_data(ratings: Any, mask: Any, *, midpoint: float, item_weight: float) -> TrainingData:
+    """Counts stay per user (own data); the item penalty weight and the mean are public."""
+    n_items = mask.size(1)
+    weights = torch.full((n_items,), float(item_weight), dtype=torch.float64)
+    return TrainingData(ratings, mask, mask.sum(1), weights, torch.tensor(midpoint, dtype=torch.float64))
+
+
+def noised_item_aggregates(plan: Any, *, factors: int) -> Callable[[Any, ModelState], tuple[Any, Any]]:
+    """The ``model.train_epoch`` hook: clipped per-user contributions plus noise.
+
+    User u's contribution is g_u = (e_u (x) p_u, e_u), ||g_u||^2 = |e_u|^2 (|p_u|^2 + 1);
+    one scale s_u = min(1, C'/||g_u||) covers both sums, applied to P's rows and to the
+    all-ones column, so both sums come from one matmul E^T [s*P | s]. C' is C less the
+    fixed-point rounding margin; ``hard_bound`` zeroes any user the approximate inverse
+    square root failed to bring under C.
+    """
+    n_items = None
+
+    def aggregates(error: Any, state: ModelState) -> tuple[Any, Any]:
+        nonlocal n_items
+        n_items = error.size(1)
+        bound = mpc_clip_target(plan.clip.step, dimension=n_items * (factors + 1))
+        p = state.user_factors
+        norm_squared = (error * error).sum(1) * ((p * p).sum(1) + 1)
+        scale = clip_scale(norm_squared, bound, hard_bound=bound)
+        ones = scale.unsqueeze(1)
+        combined = error.t().matmul(_cat([p * ones, ones], dim=1))  # I x (K + 1)
+        noisy = add_own_noise(combined, plan, "step")
+        return noisy[:, :factors], noisy[:, factors]
+
+    return aggregates
+
+
+def private_mse(state: ModelState, mean: Any, test_ratings: Any, test_mask: Any, plan: Any, *, rating_span: float) -> Any:
+    """Noised test MSE as a sharing: sum of clipped (SSE_u / span^2, n_u), noised, divided."""
+    error = test_mask * predictions(state, mean) - test_ratings
+    per_user_sse = (error * error).sum(1) * (1.0 / rating_span**2)
+    counts = test_mask.sum(1)
+    norm_squared = per_user_sse * per_user_sse + counts * counts
+    scale = clip_scale(norm_squared, mpc_clip_target(plan.clip.mean, dimension=2), hard_bound=plan.clip.mean)
+    pair = _cat([(per_user_sse * scale).sum().unsqueeze(0), (counts * scale).sum().unsqueeze(0)], dim=0)
+    noisy = add_own_noise(pair, plan, "mean")
+    n_users, n_items = test_mask.size()
+    # The noisy count can be below 1 only when nearly no test data exists; clamp to the
+    # divide routine's domain with a public floor rather than reveal anything about it.
+    count = noisy[1] + 1.0
+    return divide(noisy[0] * rating_span**2, count, count_max=2 * n_users * n_items, fixed_point=True)
+
+
+def _cat(parts: list[Any], dim: int) -> Any:
+    from mpc_rec.compat import import_crypten
+
+    return import_crypten().cat(parts, dim=dim)
