@@ -27,7 +27,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "output": {"dir": str, "top_k": int},
     "privacy": {
         "epsilon": (int, float), "delta": float, "trusted_parties": int, "clip_step": (int, float),
-        "clip_eval": (int, float), "item_weight": (int, float), "dataset": str, "run_id": str,
+        "clip_eval": (int, float), "item_weight": (int, float), "item_step": (int, float), "dataset": str, "run_id": str,
         "timestamp": str, "ledger": str, "budget_epsilon": (int, float), "budget_delta": float,
     },
 }
@@ -50,17 +50,18 @@ class PrivacyConfig:
     ledger: Path
     delta: float = 1e-5
     trusted_parties: int = 1
-    clip_step: float = 1.0
+    clip_step: float = 0.1
     clip_eval: float = 30.0
-    item_weight: float = 20.0
+    item_weight: float = 5.0
+    item_step: float = 3.0
     budget_epsilon: float = 10.0
     budget_delta: float = 1e-4
 
     def __post_init__(self) -> None:
         if not self.epsilon > 0 or not 0 < self.delta < 1:
             raise ConfigError(f"privacy: need epsilon > 0 and 0 < delta < 1, got {self.epsilon}, {self.delta}")
-        if min(self.clip_step, self.clip_eval, self.item_weight) <= 0:
-            raise ConfigError("privacy: clip_step, clip_eval and item_weight must be positive")
+        if min(self.clip_step, self.clip_eval, self.item_weight, self.item_step) <= 0:
+            raise ConfigError("privacy: clip_step, clip_eval, item_weight and item_step must be positive")
         if not self.budget_epsilon > 0 or not 0 < self.budget_delta < 1:
             raise ConfigError("privacy: budget_epsilon must be positive and budget_delta in (0, 1)")
 

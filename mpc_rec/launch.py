@@ -45,8 +45,8 @@ SECURITY_NOTES = {
 }
 
 
-DEFAULT_PRIVACY = {"epsilon": 4.0, "delta": 1e-5, "trusted_parties": 1, "clip_step": 1.0, "clip_eval": 30.0,
-                   "item_weight": 20.0, "budget_epsilon": 50.0, "budget_delta": 1e-3}
+DEFAULT_PRIVACY = {"epsilon": 4.0, "delta": 1e-5, "trusted_parties": 1, "clip_step": 0.1, "clip_eval": 30.0,
+                   "item_weight": 5.0, "item_step": 3.0, "budget_epsilon": 50.0, "budget_delta": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class RunOptions:
     @classmethod
     def from_cli(cls, options: dict[str, Any]) -> "RunOptions":
         train_keys = {"epochs": "epochs", "factors": "factors", "learning_rate": "learning_rate",
-                      "regularization": "regularization", "seed": "seed"}
+                      "momentum": "momentum", "regularization": "regularization", "seed": "seed"}
         train = {name: options[key] for key, name in train_keys.items() if options.get(key) is not None}
         privacy = None
         if not options["no_dp"]:
@@ -349,7 +349,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         privacy_line,
         f"  data: {summary['data']['users']} users x {summary['data']['items']} items, "
         f"{summary['data']['train_ratings']} train / {summary['data']['test_ratings']} test ratings",
-        f"  test RMSE: secure {m['rmse_secure']:.4f}, plaintext reference {m['rmse_plaintext']:.4f} "
+        f"  test RMSE: secure {m['rmse_secure']:.4f}, plaintext reference without DP {m['rmse_plaintext']:.4f} "
         f"(global mean {m['rmse_global_mean']:.4f})"
         + (f"; top-k agreement with plaintext {m['top_k_agreement']:.1%}" if m["top_k_agreement"] is not None else ""),
         f"  epoch: secure {t['secure_epoch_s']:.3f} s, plaintext {t['plaintext_epoch_s']:.4f} s "

@@ -111,8 +111,10 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger
             data, hook = shared_training_data(ratings, mask), None
         else:
             midpoint = sum(config.rating_range) / 2
-            data = private_training_data(ratings, mask, midpoint=midpoint, item_weight=config.privacy.item_weight)
-            hook = noised_item_aggregates(plan, factors=config.train.factors)
+            privacy = config.privacy
+            data = private_training_data(ratings, mask, midpoint=midpoint, item_weight=privacy.item_weight,
+                                         item_step=privacy.item_step)
+            hook = noised_item_aggregates(plan, factors=config.train.factors, item_step=privacy.item_step)
         timings["setup_s"] = time.perf_counter() - started
         before_training = session.traffic()
 
@@ -134,8 +136,7 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger
             if plan is None:
                 tagged = declare_public(secure_mse(state, data.mean, shared_test, shared_test_mask), reason=NO_DP_REASON)
             else:
-                span = config.rating_range[1] - config.rating_range[0]
-                value = private_mse(state, data.mean, shared_test, shared_test_mask, plan, rating_span=span)
+                value = private_mse(state, data.mean, shared_test, shared_test_mask, plan)
                 tagged = noised(value, plan=plan, release="mean", index=0, aggregate="test MSE")
             mse = float(open_to_all(tagged, name="test MSE", log=reveals))
         timings["evaluation_s"] = time.perf_counter() - started
@@ -193,6 +194,7 @@ def _privacy_record(config: PartyConfig, plan: Any, ledger: str | None) -> dict[
         "neighbouring": "user-level (all ratings of one user), replace-one",
         "global_mean": "public midpoint of the rating scale (no budget)",
         "item_penalty_weight": config.privacy.item_weight,
+        "item_step": config.privacy.item_step,
         "dataset": config.privacy.dataset,
         "ledger_digest": ledger,
         "plan": plan.to_dict(),

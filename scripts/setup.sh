@@ -9,6 +9,6 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" torch==2.13.0
 # CrypTen's declared dependencies are broken on torch 2.13 (see pyproject.toml).
 "${pip[@]}" --no-deps crypten==0.4.1
-"${pip[@]}" -e ".[test]"
+"${pip[@]}" -e ".[test,report]"
 .venv/bin/python -c "import mpc_rec.compat as c; c.import_crypten()" >/dev/null
 echo "mpc-rec environment ready in .venv" >&2

@@ -54,7 +54,7 @@ def test_dp_run_reports_privacy_and_books_the_ledger(small_data, tmp_path):
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     privacy = summary["privacy"]
     assert privacy["mode"] == "dp" and privacy["epsilon"] <= 3.0 + 1e-9 and privacy["delta"] == 1e-5
-    assert privacy["sigma_total"] > 0 and privacy["clipping"]["step"] == 1.0
+    assert privacy["sigma_total"] > 0 and privacy["clipping"]["step"] == 0.1
     assert "all but" in privacy["trust"] or "at least 1" in privacy["trust"]
     assert {r["tag"] for r in summary["reveals"]} == {"Noised"}
     assert sorted(p.name for p in ledger.iterdir() if p.suffix == ".json") == ["party-0.json", "party-1.json"]

@@ -104,11 +104,12 @@ def mean_norm_squared(ratings: Any, mask: Any) -> Any:
     return total * total + count * count
 
 
-def clip_scale(norm_squared: Any, bound: float, *, hard_bound: float | None = None) -> Any:
+def clip_scale(norm_squared: Any, bound: float, *, hard_bound: float | None = None, inv_sqrt: Any = None) -> Any:
     """s_u = min(1, bound / sqrt(norm_squared_u)), elementwise.
 
     Computed as 1 + [x > 1] (rsqrt(max(x, 1)) - 1) with x = norm_squared / bound^2, so the
-    inverse square root only ever sees arguments >= 1. If ``hard_bound`` is given, a user
+    inverse square root only ever sees arguments >= 1 (``inv_sqrt`` replaces the default,
+    CrypTen's, which is accurate only up to about 150). If ``hard_bound`` is given, a user
     whose scaled squared norm s^2 * norm_squared (as computed) exceeds hard_bound^2 gets
     s = 0: this turns an approximate inverse square root (MPC) into a guaranteed bound.
     """
@@ -117,11 +118,12 @@ def clip_scale(norm_squared: Any, bound: float, *, hard_bound: float | None = No
     x = norm_squared * (1.0 / (bound * bound))
     over = _indicator_gt(x, 1.0)
     at_least_one = over * (x - 1.0) + 1.0
-    scale = over * (_inv_sqrt(at_least_one) - 1.0) + 1.0
+    scale = over * ((inv_sqrt or _inv_sqrt)(at_least_one) - 1.0) + 1.0
     if hard_bound is not None:
         if not (math.isfinite(hard_bound) and hard_bound > 0):
             raise ValueError(f"hard_bound must be positive and finite, got {hard_bound!r}")
-        scaled = scale * scale * (norm_squared * (1.0 / (hard_bound * hard_bound)))
+        # scale * (x * scale), not scale^2 * x: in fixed point scale^2 underflows
+        scaled = (scale * (norm_squared * (1.0 / (hard_bound * hard_bound)))) * scale
         scale = scale * (1.0 - _indicator_gt(scaled, 1.0))
     return scale
 

@@ -8,12 +8,14 @@ User-level DP with joint-DP post-processing (see protocols/dp-noise.md):
 - user-side state uses only the user's own data and the noised item side;
 - the global mean is not estimated from data: it is the public midpoint of the rating
   scale (the biases absorb the rest), so it costs no budget;
-- the test metric is one "mean" release: per-user (SSE / range^2, count) pairs clipped to
-  C_eval, noised the same way, divided on shares, and only the ratio is opened.
+- the test metric is one "mean" release: per-user (SSE, count) pairs clipped to C_eval
+  (a user's squared errors per rating are about the size of the MSE, so both parts carry
+  comparable signal), noised the same way, divided on shares; only the ratio is opened.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -24,6 +26,26 @@ from mpc_rec.model import ModelState, TrainingData, predictions
 from mpc_rec.mpc.training import divide
 
 
+# Squared norms over clip bound squared, x = ||g_u||^2 / C^2, span many orders of magnitude
+# (C is often far below typical norms). Newton's iteration for 1/sqrt(x) from
+# y0 = X_MAX^-1/2 <= 1/sqrt(x) rises monotonically (about 1.5x per step while far below)
+# and does not overshoot, so log_1.5(sqrt(X_MAX)) + 6 steps cover x in [1, X_MAX]. For x
+# beyond X_MAX it can overshoot; the hard bound in ``clip_scale`` then zeroes that user.
+# Clipping aims 5% below C (or lower, for the fixed-point margin) and the hard bound sits
+# at C, so rounding in the scale cannot push a correctly clipped user over.
+CLIP_SLACK = 0.95
+X_MAX = 2.0**30
+INV_SQRT_STEPS = int(math.ceil(math.log(math.sqrt(X_MAX), 1.5))) + 6
+
+
+def wide_inv_sqrt(x: Any) -> Any:
+    """1/sqrt(x) on shares for x in [1, X_MAX] (see above)."""
+    y = x * 0 + X_MAX**-0.5
+    for _ in range(INV_SQRT_STEPS):
+        y = y * (3 - (x * y) * y) * 0.5  # (x y) y keeps precision where y^2 would underflow
+    return y
+
+
 def add_own_noise(shared: Any, plan: Any, release: str) -> Any:
     """Add this party's noise to its own additive share: the opened sum carries all parties' noise."""
     noisy = shared.clone()
@@ -32,14 +54,19 @@ def add_own_noise(shared: Any, plan: Any, release: str) -> Any:
     return noisy
 
 
-def private_training_data(ratings: Any, mask: Any, *, midpoint: float, item_weight: float) -> TrainingData:
-    """Counts stay per user (own data); the item penalty weight and the mean are public."""
+def private_training_data(ratings: Any, mask: Any, *, midpoint: float, item_weight: float, item_step: float) -> TrainingData:
+    """Counts stay per user (own data); the item penalty weight and the mean are public.
+
+    Clipped sums are much smaller than exact ones, so the item side takes ``item_step``
+    times the common step: the hook scales the noised sums and this scales the item
+    penalty, which together multiply the item gradient by item_step.
+    """
     n_items = mask.size(1)
-    weights = torch.full((n_items,), float(item_weight), dtype=torch.float64)
+    weights = torch.full((n_items,), float(item_weight * item_step), dtype=torch.float64)
     return TrainingData(ratings, mask, mask.sum(1), weights, torch.tensor(midpoint, dtype=torch.float64))
 
 
-def noised_item_aggregates(plan: Any, *, factors: int) -> Callable[[Any, ModelState], tuple[Any, Any]]:
+def noised_item_aggregates(plan: Any, *, factors: int, item_step: float = 1.0) -> Callable[[Any, ModelState], tuple[Any, Any]]:
     """The ``model.train_epoch`` hook: clipped per-user contributions plus noise.
 
     User u's contribution is g_u = (e_u (x) p_u, e_u), ||g_u||^2 = |e_u|^2 (|p_u|^2 + 1);
@@ -53,32 +80,33 @@ def noised_item_aggregates(plan: Any, *, factors: int) -> Callable[[Any, ModelSt
     def aggregates(error: Any, state: ModelState) -> tuple[Any, Any]:
         nonlocal n_items
         n_items = error.size(1)
-        bound = mpc_clip_target(plan.clip.step, dimension=n_items * (factors + 1))
+        bound = min(mpc_clip_target(plan.clip.step, dimension=n_items * (factors + 1)), CLIP_SLACK * plan.clip.step)
         p = state.user_factors
         norm_squared = (error * error).sum(1) * ((p * p).sum(1) + 1)
-        scale = clip_scale(norm_squared, bound, hard_bound=bound)
+        scale = clip_scale(norm_squared, bound, hard_bound=plan.clip.step, inv_sqrt=wide_inv_sqrt)
         ones = scale.unsqueeze(1)
         combined = error.t().matmul(_cat([p * ones, ones], dim=1))  # I x (K + 1)
-        noisy = add_own_noise(combined, plan, "step")
+        noisy = add_own_noise(combined, plan, "step") * item_step  # post-processing
         return noisy[:, :factors], noisy[:, factors]
 
     return aggregates
 
 
-def private_mse(state: ModelState, mean: Any, test_ratings: Any, test_mask: Any, plan: Any, *, rating_span: float) -> Any:
-    """Noised test MSE as a sharing: sum of clipped (SSE_u / span^2, n_u), noised, divided."""
+def private_mse(state: ModelState, mean: Any, test_ratings: Any, test_mask: Any, plan: Any) -> Any:
+    """Noised test MSE as a sharing: sum of clipped (SSE_u, n_u), noised, divided."""
     error = test_mask * predictions(state, mean) - test_ratings
-    per_user_sse = (error * error).sum(1) * (1.0 / rating_span**2)
+    per_user_sse = (error * error).sum(1)
     counts = test_mask.sum(1)
     norm_squared = per_user_sse * per_user_sse + counts * counts
-    scale = clip_scale(norm_squared, mpc_clip_target(plan.clip.mean, dimension=2), hard_bound=plan.clip.mean)
+    bound = min(mpc_clip_target(plan.clip.mean, dimension=2), CLIP_SLACK * plan.clip.mean)
+    scale = clip_scale(norm_squared, bound, hard_bound=plan.clip.mean, inv_sqrt=wide_inv_sqrt)
     pair = _cat([(per_user_sse * scale).sum().unsqueeze(0), (counts * scale).sum().unsqueeze(0)], dim=0)
     noisy = add_own_noise(pair, plan, "mean")
     n_users, n_items = test_mask.size()
     # The noisy count can be below 1 only when nearly no test data exists; clamp to the
     # divide routine's domain with a public floor rather than reveal anything about it.
     count = noisy[1] + 1.0
-    return divide(noisy[0] * rating_span**2, count, count_max=2 * n_users * n_items, fixed_point=True)
+    return divide(noisy[0], count, count_max=2 * n_users * n_items, fixed_point=True)
 
 
 def _cat(parts: list[Any], dim: int) -> Any:
