@@ -30,10 +30,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--factors", type=int, default=16)
     parser.add_argument("--dealer", choices=["ttp", "insecure-tfp"], default="ttp")
+    parser.add_argument("--dp-epsilon", type=float, default=None,
+                        help="measure the differentially private step at this epsilon (default: --no-dp)")
     args = parser.parse_args()
     if not args.data.exists():
         sys.exit(f"bench_training: data file {args.data} not found (pass --data)")
-    figures = {"data": str(args.data), "epochs": args.epochs, "factors": args.factors, "dealer": args.dealer, "runs": {}}
+    figures = {"data": str(args.data), "epochs": args.epochs, "factors": args.factors, "dealer": args.dealer,
+               "dp_epsilon": args.dp_epsilon, "runs": {}}
     for parties in args.parties:
         with tempfile.TemporaryDirectory() as out:
             command = [sys.executable, "-m", "mpc_rec", "run", "--data", str(args.data), "--parties", str(parties),
@@ -41,6 +44,10 @@ def main() -> None:
                        "--out", out, "--timeout", "120", "--no-progress"]
             if args.dealer == "insecure-tfp":
                 command.append("--insecure-tfp-dealer")
+            if args.dp_epsilon is None:
+                command.append("--no-dp")
+            else:
+                command += ["--epsilon", str(args.dp_epsilon), "--ledger-dir", str(Path(out) / "ledger")]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"bench_training: {parties}-party run failed: {done.stderr.strip()}")

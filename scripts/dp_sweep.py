@@ -56,7 +56,7 @@ def main() -> None:
         "data": str(args.data), "parties": args.parties, "run_options": args.run_options, "points": points,
         "rmse_secure_no_dp": exact["metrics"]["rmse_secure"],
         "rmse_plaintext_no_dp": exact["metrics"]["rmse_plaintext"],
-        "delta": exact["config"]["privacy"] and exact["config"]["privacy"].get("delta"),
+        "delta": 1e-5 if "--delta" not in args.run_options else float(args.run_options[args.run_options.index("--delta") + 1]),
     }
     print(f"no DP: secure test RMSE {figures['rmse_secure_no_dp']:.4f}, plaintext {figures['rmse_plaintext_no_dp']:.4f}")
     figures["plot"] = str(_plot(args.out / "rmse-vs-epsilon.png", points, figures))
