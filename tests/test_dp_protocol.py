@@ -47,3 +47,72 @@ def test_summed_noise_has_the_planned_distribution(parties, trusted):
 
 def test_trusting_more_parties_lowers_each_partys_noise():
     assert _plan(3, 3).party_variance_units < _plan(3, 1).party_variance_units / 2.5
+
+
+def _received_during_private_step(session, rows, plan):
+    """One private training step in real processes, recording every tensor this party receives."""
+    from test_secure import _blocks, small_problem
+
+    from mpc_rec.model import ModelState, TrainConfig, initial_parameters, train_epoch
+    from mpc_rec.mpc.privacy import noised_item_aggregates, private_training_data
+    from mpc_rec.mpc.sharing import share_public, share_rows
+
+    rank = session.endpoint.rank
+    ratings, mask = small_problem(sum(rows))
+    r = share_rows(_blocks(rank, rows, ratings), rows, rank)
+    m = share_rows(_blocks(rank, rows, mask), rows, rank, precision=0)
+    config = TrainConfig(factors=3, epochs=1)
+    data = private_training_data(r, m, midpoint=3.0, item_weight=5.0, item_step=1.0)
+    state = ModelState(*[share_public(p) for p in initial_parameters(sum(rows), ratings.shape[1], config)])
+    received = []
+    comm = session.comm
+    for name in ("all_reduce", "reduce", "broadcast", "recv", "all_gather", "gather"):
+        original = getattr(comm, name)
+
+        def recording(*args, _original=original, **kwargs):
+            result = _original(*args, **kwargs)
+            for item in result if isinstance(result, (list, tuple)) else [result]:
+                if isinstance(item, torch.Tensor):
+                    received.append(item.numpy().copy())  # numpy: torch tensors travel by shared memory
+            return result
+
+        setattr(comm, name, recording)
+    aggregates = noised_item_aggregates(plan, factors=3)
+    seen = {}
+
+    def capturing(error, state):
+        seen["noisy"] = aggregates(error, state)
+        return seen["noisy"]
+
+    train_epoch(state, data, config, capturing)
+    return received
+
+
+def test_no_party_receives_the_un_noised_item_aggregates():
+    from test_secure import small_problem
+
+    from mpc_rec.dp.clipping import clip_contributions, per_user_step_contributions
+    from mpc_rec.model import ModelState, TrainConfig, initial_parameters, predictions
+
+    rows = [4, 3]
+    plan = calibrate(target_epsilon=1.0, delta=1e-5, steps=1, clip=ClipBounds(step=1.0, mean=1.0),
+                     dimension=9 * 4, parties=2, trusted_parties=1, mean_releases=0)
+    received = run_parties(_received_during_private_step, 2, rows, plan)
+    # The exact clipped item-side sums of that step, computed in the clear here.
+    ratings, mask = small_problem(sum(rows))
+    config = TrainConfig(factors=3, epochs=1)
+    state = ModelState(*initial_parameters(sum(rows), ratings.shape[1], config))
+    error = (mask * predictions(state, torch.tensor(3.0, dtype=torch.float64)).numpy() - ratings)
+    contributions = clip_contributions(per_user_step_contributions(error, state.user_factors.numpy()), 0.95)
+    exact = contributions.sum(axis=0)  # (I*K + I,)
+    exact_factor = exact[: 9 * 3].reshape(9, 3)
+    exact_bias = exact[9 * 3:]
+    assert np.abs(exact_factor).max() > 0.05  # a real signal to look for
+    for party_view in received:
+        assert party_view, "recording saw no traffic"
+        for tensor in party_view:
+            values = tensor.astype(np.float64) / 2**16
+            combined = np.concatenate([exact_factor, exact_bias[:, None]], axis=1)  # what is noised
+            for target in (exact_factor, exact_bias, combined, combined.T):
+                if tuple(values.shape) == target.shape:
+                    assert not np.allclose(values, target, atol=0.02), "un-noised aggregate received"
