@@ -35,10 +35,6 @@ from mpc_rec.model import TrainConfig
 from mpc_rec.progress import ProgressLine
 from mpc_rec.reference import run_reference
 
-DEALER_LABELS = {
-    "ttp": "ttp",
-    "insecure-tfp": "insecure-tfp",
-}
 SECURITY_NOTES = {
     "ttp": "semi-honest parties; Beaver triples from a separate dealer process that must not collude with any party",
     "insecure-tfp": "INSECURE: party 0 generated every Beaver triple and could read every secret product",
@@ -281,7 +277,7 @@ def _summarise(options, digest, ratings, train, test, user_blocks, parties, resu
     rmse_secure = rank0["rmse_secure"]
     return {
         "mpc_rec_version": __version__,
-        "dealer": DEALER_LABELS[options.dealer],
+        "dealer": options.dealer,
         "privacy": rank0["privacy"],
         "reveals": rank0["reveals"],
         "security": SECURITY_NOTES[options.dealer],

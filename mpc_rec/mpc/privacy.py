@@ -71,14 +71,12 @@ def noised_item_aggregates(plan: Any, *, factors: int, item_step: float = 1.0) -
 
     User u's contribution is g_u = (e_u (x) p_u, e_u), ||g_u||^2 = |e_u|^2 (|p_u|^2 + 1);
     one scale s_u = min(1, C'/||g_u||) covers both sums, applied to P's rows and to the
-    all-ones column, so both sums come from one matmul E^T [s*P | s]. C' is C less the
-    fixed-point rounding margin; ``hard_bound`` zeroes any user the approximate inverse
-    square root failed to bring under C.
+    all-ones column, so both sums come from one matmul E^T [s*P | s]. C' sits below C
+    (CLIP_SLACK and the fixed-point margin); the hard bound at C zeroes any user the
+    approximate inverse square root failed to bring under C.
     """
-    n_items = None
 
     def aggregates(error: Any, state: ModelState) -> tuple[Any, Any]:
-        nonlocal n_items
         n_items = error.size(1)
         bound = min(mpc_clip_target(plan.clip.step, dimension=n_items * (factors + 1)), CLIP_SLACK * plan.clip.step)
         p = state.user_factors
