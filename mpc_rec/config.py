@@ -51,7 +51,7 @@ class PrivacyConfig:
     delta: float = 1e-5
     trusted_parties: int = 1
     clip_step: float = 0.1
-    clip_eval: float = 30.0
+    clip_eval: float = 10.0
     item_weight: float = 5.0
     item_step: float = 3.0
     budget_epsilon: float = 10.0
