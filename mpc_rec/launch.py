@@ -101,7 +101,8 @@ def _load(options: RunOptions) -> tuple[Ratings, str]:
     return ratings, hashlib.sha256(options.data.read_bytes()).hexdigest()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port that is free now (for the rendezvous of local runs)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -146,7 +147,7 @@ def run_local(options: RunOptions) -> dict[str, Any]:
 
 def write_deployment(options, workdir, staging, train, test, blocks, catalogue, dataset="unnamed"):
     write_catalogue(catalogue, workdir / "catalogue.txt")
-    rendezvous = f"tcp://127.0.0.1:{_free_port()}"
+    rendezvous = f"tcp://127.0.0.1:{free_port()}"
     common = {
         "network": {"rendezvous": rendezvous, "timeout_s": options.timeout_s},
         "dealer": {"kind": options.dealer},

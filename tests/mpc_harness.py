@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 import traceback
 from typing import Any, Callable
 
+from mpc_rec.launch import free_port
 from mpc_rec.mpc.session import Endpoint, Session, serve_dealer
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _party_main(endpoint: Endpoint, function: Callable, args: tuple, queue: Any) -> None:
@@ -32,7 +26,7 @@ def run_parties(function: Callable, world_size: int, *args: Any, dealer: str = "
     """Call function(session, *args) in each of world_size party processes; rank-ordered results."""
     context = mp.get_context("spawn")
     queue = context.Queue()
-    rendezvous = f"tcp://127.0.0.1:{_free_port()}"
+    rendezvous = f"tcp://127.0.0.1:{free_port()}"
     ranks = range(world_size + (1 if dealer == "ttp" else 0))
     processes = [
         context.Process(target=_party_main, args=(Endpoint(r, world_size, rendezvous, dealer, timeout_s), function, args, queue))
