@@ -99,14 +99,15 @@ class Session:
 
 
 def serve_dealer(endpoint: Endpoint) -> None:
-    """Run CrypTen's trusted dealer (TTPServer) until rank 0 ends the run."""
+    """Run the trusted dealer (CrypTen's TTPServer plus mpc.dealer's requests) until rank 0 ends the run."""
     if not endpoint.is_dealer:
         raise ConfigError("serve_dealer needs the dealer rank (rank == world_size, dealer ttp)")
     _configure(endpoint)
     import torch
-    from crypten.mpc.provider import TTPServer
+
+    from mpc_rec.mpc.dealer import make_server_class
 
     # TTPServer draws the seeds it shares with each party from torch's global generator,
     # which starts from a fixed default seed in every new process: reseed it from the OS.
     torch.manual_seed(secrets.randbits(63))
-    TTPServer()
+    make_server_class()()
