@@ -111,16 +111,17 @@ def budget(ledger: Path) -> None:
 
 @main.command(epilog=EXIT_CODES)
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--sweep", type=click.Path(dir_okay=False, path_type=Path), default=None, help="sweep.json of scripts/dp_sweep.py. [default: RUN_DIR/sweep.json or beside RUN_DIR]")
 @click.option("--serve", is_flag=True, help="Also serve the page on 127.0.0.1 until interrupted.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port for --serve (0: any free port).")
-def dashboard(run_dir: Path, serve: bool, port: int) -> None:
+def dashboard(run_dir: Path, sweep: Path | None, serve: bool, port: int) -> None:
     """Write RUN_DIR/dashboard.html: one self-contained page about a finished run."""
     from mpc_rec.dashboard import serve_page, write_dashboard
 
     try:
-        page = write_dashboard(run_dir)
+        page = write_dashboard(run_dir, sweep)
+        click.echo(f"dashboard: {page}")
+        if serve:
+            serve_page(page, port, announce=lambda url: click.echo(f"serving {url} (localhost only; Ctrl-C to stop)"))
     except MpcRecError as exc:
         _fail(exc)
-    click.echo(f"dashboard: {page}")
-    if serve:
-        serve_page(page, port, announce=lambda url: click.echo(f"serving {url} (localhost only; Ctrl-C to stop)"))

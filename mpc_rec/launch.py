@@ -354,7 +354,27 @@ def _summarise(options, digest, ratings, train, test, user_blocks, parties, resu
         ],
         "traffic_counted_by": rank0["traffic"]["counted_by"],
         "release": _release_summary(results),
+        "budget": _budget_summary(options, parties, rank0["privacy"]),
     }
+
+
+def _budget_summary(options: RunOptions, parties: list[_Party], privacy: dict[str, Any]) -> dict[str, Any] | None:
+    """Each party's ledger after this run: total, spent and left for this run's data set."""
+    if privacy["mode"] != "dp":
+        return None
+    from mpc_rec.dp.ledger import load_ledger
+
+    dataset, ledgers = privacy["dataset"], {}
+    for party in parties:
+        if party.output is None:
+            continue
+        ledger = load_ledger(options.ledger_dir / f"{party.name}.json")
+        spent, left = ledger.spent(dataset), ledger.remaining(dataset)
+        ledgers[party.name] = {"total_epsilon": ledger.total.epsilon, "spent_epsilon": spent.epsilon,
+                               "left_epsilon": left.epsilon, "total_delta": ledger.total.delta,
+                               "spent_delta": spent.delta, "left_delta": left.delta,
+                               "runs": len(ledger.datasets.get(dataset, ())), "digest": ledger.digest()}
+    return {"dataset": dataset, "composition": "basic (runs on one data set add up)", "ledgers": ledgers}
 
 
 def _release_summary(results: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -155,3 +155,49 @@ def test_cli_refuses_threshold_without_epsilon(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == "mpc-rec: error: --release threshold needs --release-epsilon"
     assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_unknown_policy_in_a_party_config_is_refused(tmp_path):
+    from mpc_rec.config import parse_party_config
+    from mpc_rec.errors import ConfigError
+
+    raw = {"party": {"name": "a", "rank": 0, "world_size": 2}, "network": {"rendezvous": "tcp://127.0.0.1:1"},
+           "data": {"train": "t.csv", "catalogue": "c.txt"}, "output": {"dir": "out"},
+           "release": {"policy": "fuzzy"}}
+    with pytest.raises(ConfigError, match="release.policy must be one of exact, threshold, got 'fuzzy'"):
+        parse_party_config(raw, base=tmp_path)
+
+
+def test_real_run_draws_new_lists_and_repeats_for_a_spent_user(tmp_path):
+    """Real party processes: a user whose ledger budget is spent gets the stored list back."""
+    from mpc_rec.data import partition_users, synthetic_ratings, write_ratings_csv
+
+    data = tmp_path / "small.csv"
+    ratings = synthetic_ratings(n_users=30, n_items=20, density=0.3, seed=3)
+    write_ratings_csv(ratings, data)
+    spent_user = sorted(partition_users(ratings, 2, seed=0)[0].user_ids())[0]
+    ledger_dir = tmp_path / "ledger"
+    ledger_dir.mkdir()
+    stored = ["i1", "i2"]
+    (ledger_dir / "party-0-releases.json").write_text(json.dumps({
+        "format": "mpc-rec-release-ledger/1",
+        "users": {spent_user: {"budget": 3.0, "last": stored, "releases": [
+            {"run_id": "earlier", "epsilon": 2.0, "timestamp": "2026-01-01T00:00:00Z"}]}}}))
+    out = tmp_path / "out"
+    done = run_cli("run", "--parties", "2", "--data", str(data), "--epochs", "2", "--top-k", "2", "--no-dp",
+                   "--release", "threshold", "--release-epsilon", "2", "--release-budget", "3",
+                   "--ledger-dir", str(ledger_dir), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    party = json.loads((out / "party-0" / "party.json").read_text())["release"]
+    assert party["users"][spent_user]["status"] == "repeated"
+    assert party["releases"] == {"exact": 0, "new": len(party["users"]) - 1, "repeated": 1, "withheld": 0}
+    rows = [line.split(",") for line in (out / "party-0" / "recommendations.csv").read_text().splitlines()[1:]]
+    assert [item for user, _, item in rows if user == spent_user] == stored
+    per_user = {}
+    for user, _, item in rows:
+        per_user.setdefault(user, []).append(item)
+    assert all(len(items) == 2 for items in per_user.values())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["release"]["parties"]["party-0"]["releases"]["repeated"] == 1
+    ledger = json.loads((ledger_dir / "party-1-releases.json").read_text())["users"]
+    assert all(len(u["releases"]) == 1 and u["releases"][0]["epsilon"] == 2.0 for u in ledger.values())
