@@ -110,20 +110,24 @@ def _sweep_chart(sweep: dict[str, Any], current_epsilon: float | None) -> str:
     lines = [v for v in (sweep.get("rmse_secure_no_dp"), sweep.get("rmse_plaintext_no_dp")) if v is not None]
     ys = [p["rmse_secure"] for p in points] + lines
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys) * 0.98, max(ys) * 1.02
+    # a noised metric at small epsilon can be orders of magnitude off: then a log axis
+    scale = math.log10 if min(ys) > 0 and max(ys) / min(ys) > 5 else (lambda v: v)
+    y0, y1 = scale(min(ys)) - 0.02 * abs(scale(min(ys))), scale(max(ys)) + 0.02 * abs(scale(max(ys)))
     sx = lambda x: pad + (w - 2 * pad) * (x - x0) / (x1 - x0)  # noqa: E731
-    sy = lambda y: h - pad - (h - 2 * pad) * (y - y0) / ((y1 - y0) or 1)  # noqa: E731
+    sy = lambda y: h - pad - (h - 2 * pad) * (scale(y) - y0) / ((y1 - y0) or 1)  # noqa: E731
     out = [f'<svg class="chart" role="img" aria-label="test RMSE against epsilon" width="{w}" height="{h}">',
            f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#444"/>',
            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#444"/>',
            f'<text x="{w / 2 - 60}" y="{h - 12}">epsilon (log scale)</text>',
-           f'<text x="4" y="{pad - 12}">test RMSE</text>']
-    for label, value, dash in (("secure, no DP", sweep.get("rmse_secure_no_dp"), "2,3"),
-                               ("plaintext, no DP", sweep.get("rmse_plaintext_no_dp"), "6,4")):
-        if value is not None:
+           f'<text x="4" y="{pad - 12}">test RMSE{" (log scale)" if scale is math.log10 else ""}</text>']
+    for label, value, dash, x in (("secure, no DP", sweep.get("rmse_secure_no_dp"), "2,3", pad + 6),
+                                  ("plaintext, no DP", sweep.get("rmse_plaintext_no_dp"), "6,4", w / 2 + 10)):
+        if value is not None:  # labels side by side: the two lines are often within a pixel
             out.append(f'<line x1="{pad}" x2="{w - pad}" y1="{sy(value):.1f}" y2="{sy(value):.1f}" stroke="#888" '
-                       f'stroke-dasharray="{dash}"/><text x="{w - pad - 150}" y="{sy(value) - 4:.1f}">{e(label)} '
+                       f'stroke-dasharray="{dash}"/><text x="{x:.0f}" y="{sy(value) - 4:.1f}">{e(label)} '
                        f'{e(format_value(value))}</text>')
+    for tick in (min(ys), max(ys)):
+        out.append(f'<text x="2" y="{sy(tick) + 4:.1f}">{e(format_value(tick))}</text>')
     path = " ".join(f"{sx(x):.1f},{sy(p['rmse_secure']):.1f}" for x, p in zip(xs, points))
     out.append(f'<polyline points="{path}" fill="none" stroke="#3b6ea5" stroke-width="2"/>')
     for x, p in zip(xs, points):
@@ -163,7 +167,8 @@ def _spec_paragraphs() -> list[tuple[str, str]]:
         return found
     for spec in sorted(PROTOCOLS.glob("*.md")):
         for paragraph in re.split(r"\n\s*\n", spec.read_text(encoding="utf-8")):
-            text = " ".join(paragraph.split())
+            lines = [line for line in paragraph.splitlines() if not line.startswith("#")]  # drop headings
+            text = " ".join(" ".join(lines).split())
             if text.startswith(("Learned", "D learns")):
                 found.append((spec.name, text))
     return found
