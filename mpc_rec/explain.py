@@ -40,16 +40,20 @@ def explain(
     shown_matrix = np.zeros_like(liked)
     for row, items in enumerate(shown):
         for item in items:
-            shown_matrix[row, index[item]] = True
+            if item in index:  # a list repeated from an earlier run may name items no longer listed
+                shown_matrix[row, index[item]] = True
     signal = liked | shown_matrix
-    liked_i, signal_i = liked.astype(np.int64), signal.astype(np.int64)
-    together = liked_i.T @ signal_i  # items x items, over all of this party's users
+    liked_i, signal_i = liked.astype(np.float64), signal.astype(np.float64)  # BLAS; counts stay exact
+    together = liked_i.T @ signal_i  # items x items co-occurrence counts over this party's users
     liked_count, signal_count = liked_i.sum(0), signal_i.sum(0)
     explained = []
     for row, user in list(enumerate(users))[:limit]:
         own = np.flatnonzero(liked[row])
         items = []
         for item in shown[row]:
+            if item not in index:
+                items.append({"item": item, "drivers": []})
+                continue
             j = index[item]
             # leave the user out: its own list and ratings would explain everything equally
             co = together[own, j] - liked_i[row, own] * signal_i[row, j]
