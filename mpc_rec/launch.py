@@ -34,7 +34,7 @@ from mpc_rec.files import write_text_atomic
 from mpc_rec.model import TrainConfig
 from mpc_rec.progress import ProgressLine
 from mpc_rec.reference import run_reference
-from mpc_rec.release import ReleaseConfig, ledger_path_for, read_user_levels, write_user_levels
+from mpc_rec.release import default_epsilon, ledger_path_for, read_user_levels, write_user_levels
 
 SECURITY_NOTES = {
     "ttp": "semi-honest parties; Beaver triples from a separate dealer process that must not collude with any party",
@@ -213,8 +213,7 @@ def _release_levels(options: RunOptions, all_users: set[str]) -> dict[str, float
     users_file = options.release.get("users")
     if users_file is None:
         return None
-    default = ReleaseConfig(**{k: v for k, v in options.release.items() if k in ("policy", "epsilon", "budget")},
-                            ledger=Path("unused")).default_epsilon()
+    default = default_epsilon(options.release["policy"], options.release.get("epsilon"))
     return read_user_levels(Path(users_file), default, all_users)
 
 

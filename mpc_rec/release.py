@@ -26,6 +26,7 @@ Randomness: ``secrets.SystemRandom`` (the OS CSPRNG) in production; tests pass
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -212,8 +213,12 @@ class ReleaseConfig:
             raise ConfigError("release.ledger is required when any user gets the threshold policy")
 
     def default_epsilon(self) -> float:
-        """Per-release epsilon of the run's default; exact counts as unbounded."""
-        return self.epsilon if self.policy == "threshold" else math.inf
+        return default_epsilon(self.policy, self.epsilon)
+
+
+def default_epsilon(policy: str, epsilon: float | None) -> float:
+    """Per-release epsilon of a run's default policy; exact counts as unbounded."""
+    return epsilon if policy == "threshold" else math.inf
 
 
 def read_user_levels(path: Path, default_epsilon: float, known_users: set[str] | None = None) -> dict[str, float]:
@@ -347,16 +352,13 @@ def release_lists(
     rng = rng or system_random()
     default_epsilon = config.default_epsilon()
     levels = read_user_levels(config.users, default_epsilon, set(users)) if config.users else {}
-    ledger = ReleaseLedger.load(config.ledger) if config.ledger else None
     from mpc_rec.dp.ledger import _locked  # the budget ledger's file lock: one locking scheme
 
     shown: list[list[str]] = []
     per_user: dict[str, dict[str, Any]] = {}
     counts = {"exact": 0, "new": 0, "repeated": 0, "withheld": 0}
-    lock = _locked(config.ledger) if ledger is not None else _no_lock()
-    with lock:
-        if ledger is not None:
-            ledger = ReleaseLedger.load(config.ledger)  # re-read under the lock
+    with _locked(config.ledger) if config.ledger else contextlib.nullcontext():
+        ledger = ReleaseLedger.load(config.ledger) if config.ledger else None
         for user, top, pool in zip(users, ranked, unrated):
             epsilon = levels.get(user, default_epsilon)
             if not math.isfinite(epsilon):
@@ -397,19 +399,5 @@ def release_lists(
     return shown, record
 
 
-class _no_lock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 def ledger_path_for(ledger_dir: Path, party_name: str) -> Path:
     return (ledger_dir / f"{party_name}-releases.json").resolve()
-
-
-__all__ = [
-    "POLICIES", "ReleaseConfig", "ReleaseLedger", "SeededRandom", "ThresholdPlan", "count_distribution",
-    "draw_threshold", "ledger_path_for", "read_user_levels", "release_lists", "threshold_plan", "write_user_levels",
-]
