@@ -301,7 +301,7 @@ def _why_section(parties: dict[str, Any]) -> str:
                    f'<label>user <select class="why-select">{options}</select></label>{"".join(blocks)}'
                    f'<p class="note">Method: {e(explained.get("method", ""))}</p></div>')
     if not out:
-        return "<p>No explanations in this run (no recommendations were made).</p>"
+        return "<p>No party folder of this run has explanations.json (a run with --top-k 0 makes none).</p>"
     return "".join(out)
 
 
