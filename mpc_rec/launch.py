@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -32,6 +33,7 @@ from mpc_rec.data import (
 from mpc_rec.errors import ConfigError, InputError, PeerError
 from mpc_rec.files import write_text_atomic
 from mpc_rec.model import TrainConfig
+from mpc_rec.mpc.session import THREADS_ENV, threads_per_process
 from mpc_rec.progress import ProgressLine
 from mpc_rec.reference import run_reference
 from mpc_rec.release import default_epsilon, ledger_path_for, read_user_levels, write_user_levels
@@ -233,6 +235,7 @@ def _read_party_summary(party: _Party) -> dict[str, Any]:
 
 def _run_processes(options: RunOptions, parties: list[_Party], workdir: Path, progress: ProgressLine) -> list[dict[str, Any]]:
     progress.note(f"starting {options.parties} parties" + (" and the dealer" if options.dealer == "ttp" else ""))
+    environment = {**os.environ, THREADS_ENV: str(threads_per_process(len(parties)))}
     for party in parties:
         party.log = workdir / f"{party.name}.log"
         command = [sys.executable, "-m", "mpc_rec", "party", "--config", str(party.config)]
@@ -241,7 +244,7 @@ def _run_processes(options: RunOptions, parties: list[_Party], workdir: Path, pr
         with open(party.log, "wb") as log:
             party.process = subprocess.Popen(
                 command, stdout=subprocess.PIPE if party.rank == 0 else log, stderr=log,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, env=environment,
             )
     reader = threading.Thread(target=_follow_events, args=(parties[0].process.stdout, progress), daemon=True)
     reader.start()

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import traceback
 from typing import Any, Callable
 
 from mpc_rec.launch import free_port
-from mpc_rec.mpc.session import Endpoint, Session, serve_dealer
+from mpc_rec.mpc.session import THREADS_ENV, Endpoint, Session, serve_dealer
 
 
 def _party_main(endpoint: Endpoint, function: Callable, args: tuple, queue: Any) -> None:
+    os.environ[THREADS_ENV] = "1"  # several processes share this machine's cores
     try:
         if endpoint.is_dealer:
             serve_dealer(endpoint)
