@@ -30,6 +30,10 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "clip_eval": (int, float), "item_weight": (int, float), "item_step": (int, float), "dataset": str, "run_id": str,
         "timestamp": str, "ledger": str, "budget_epsilon": (int, float), "budget_delta": float,
     },
+    "ingest": {  # rows come from contributors through Paillier ingest (mpc_rec/ingest/)
+        "address": str, "fingerprint": str, "round": int, "deadline_s": (int, float), "wait_s": (int, float),
+        "stat_bits": int, "public_key": str, "private_key": str, "registry": str,
+    },
 }
 _PRIVACY_REQUIRED = ("epsilon", "dataset", "run_id", "timestamp", "ledger")
 _REQUIRED = {
@@ -83,6 +87,7 @@ class PartyConfig:
     output_dir: Path | None
     top_k: int
     privacy: PrivacyConfig | None = None
+    ingest: Any = None  # mpc_rec.ingest.phase.IngestConfig: rows from contributors, not from [data] train
 
 
 def load_party_config(path: str | os.PathLike[str]) -> PartyConfig:
@@ -108,6 +113,8 @@ def parse_party_config(raw: dict[str, Any], *, base: Path) -> PartyConfig:
     if role not in ROLES:
         raise ConfigError(f"party.role must be one of {', '.join(ROLES)}, got '{role}'")
     for table, key in _REQUIRED[role]:
+        if (table, key) == ("data", "train") and section("ingest"):
+            continue  # the rows arrive from contributors
         if key not in section(table):
             raise ConfigError(f"missing required setting {table}.{key}")
 
@@ -146,7 +153,25 @@ def parse_party_config(raw: dict[str, Any], *, base: Path) -> PartyConfig:
         privacy = PrivacyConfig(**settings)
         if not 1 <= privacy.trusted_parties <= endpoint.world_size:
             raise ConfigError(f"privacy.trusted_parties must be in 1..{endpoint.world_size}, got {privacy.trusted_parties}")
+    ingest = None
+    if section("ingest"):
+        from mpc_rec.ingest.phase import IngestConfig
+
+        settings = dict(section("ingest"))
+        for key in ("address", "fingerprint"):
+            if key not in settings:
+                raise ConfigError(f"missing required setting ingest.{key}")
+        for key in ("public_key", "private_key", "registry"):
+            if key in settings:
+                settings[key] = resolve(settings[key])
+        if role != "compute" or "train" in data or "test" in data:
+            raise ConfigError("[ingest] is for compute parties without data.train / data.test (rows come from contributors)")
+        ingest = IngestConfig(**settings)
+        if top_k > 0:
+            raise ConfigError("output.top_k must be 0 with [ingest]: recommendations would have to go back to the contributors")
+        ingest.check_role(endpoint.rank)
     return PartyConfig(
+        ingest=ingest,
         privacy=privacy,
         name=section("party").get("name", f"rank{endpoint.rank}"),
         role=role,
