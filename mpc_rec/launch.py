@@ -172,6 +172,8 @@ def run_local(options: RunOptions) -> dict[str, Any]:
         if simulation is not None:
             ingest_report = next(r for r in results if r["rank"] == 1)["ingest"]["report"]
             user_blocks = simulation.placed_blocks(ingest_report)  # the rows actually aggregated
+            placed = [user for block in user_blocks for user in block]
+            train, test = (part.subset(np.isin(part.users, placed)) for part in (train, test))
         progress.note("plaintext reference run")
         reference = run_reference(train, test, user_blocks, catalogue, options.train, options.top_k)
         summary = _summarise(options, digest, ratings, train, test, user_blocks, parties, results, reference, secure_s)

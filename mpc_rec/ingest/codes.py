@@ -1,18 +1,22 @@
 """Rating rows as narrow integer codes: one Paillier slot per cell, decoded inside MPC.
 
-A cell of a user's row is coded v = 0 (not rated) or v = 2r - 1 for a whole-number
-rating r. Every code of a rating is odd, so inside MPC, with exact integer arithmetic in
-Z_2^64 (precision-0 shares, Beaver products, no truncation):
+A cell of a user's row is coded v = 0 (not rated), v = 2r - 1 (a training rating r) or
+v = -(2r - 1) (a held-out rating r), for whole-number ratings r >= 1. Every rating code
+is odd, so inside MPC, with exact integer arithmetic in Z_2^64 (precision-0 shares,
+Beaver products, no truncation):
 
-    Q(v) = prod_{k in K} (v - k)        K = codes of the allowed ratings
-    Q(0) = D = prod_{k in K} (-k)       odd, hence invertible mod 2^64
-    Q(k) = 0 for k in K
-    mask = 1 - Q(v) * D^-1   (mod 2^64, exact: Q(v) is D or 0)
-    rating * mask * 2^16 = (v + mask) * 2^15      (a public multiply into fixed point)
+    Q(v) = prod_{k in K} (v^2 - k^2)     K = codes 2r - 1 of the allowed ratings
+    Q(0) = D = prod_{k in K} (-k^2)      odd, hence invertible mod 2^64
+    Q(+-k) = 0 for k in K
+    rated = 1 - Q(v) * D^-1   (mod 2^64, exact: Q(v) is D or 0)
+    train = [v > 0]  (one CrypTen comparison),  test = rated - train
+    train rating * train * 2^16 = (v*train + train) * 2^15       (v = 2r - 1)
+    test rating * test * 2^16   = (test - v + v*train) * 2^15    (v*test = v - v*train)
 
-Codes need value_bits b = bit length of max |v| plus a sign bit (5 bits for ratings 1..5,
-codes up to 9), against b = 20 for 16-bit fixed-point ratings and a second slot for the
-mask: see protocols/paillier-aggregation.md, "Row ingest", for the slot widths.
+the last two being public multiplies into fixed point. Codes need value_bits b = bit
+length of max |v| plus a sign bit (5 bits for ratings 1..5, |v| <= 9), against b = 20
+for 16-bit fixed-point ratings, with separate slots for the mask and the held-out set:
+see protocols/paillier-aggregation.md, "Row ingest", for the slot widths.
 """
 
 from __future__ import annotations
@@ -59,51 +63,64 @@ class IngestSpec(PackingSpec):
 
 
 def rating_codes(rating_range: tuple[float, float]) -> list[int]:
-    """The codes 2r - 1 of every whole-number rating r in the range (all odd, none 0)."""
+    """The codes 2r - 1 of every whole-number rating r in the range (all odd and positive)."""
     lo, hi = rating_range
     first, last = math.ceil(lo), math.floor(hi)
     if last < first:
-        raise ConfigError(f"rating range {lo}..{hi} holds no whole-number rating")
+        raise ConfigError(f"rating range {lo:g}..{hi:g} holds no whole-number rating")
+    if first < 1:
+        raise ConfigError(f"row ingest needs ratings of at least 1 (the range starts at {lo:g})")
     if last - first + 1 > MAX_RATING_LEVELS:
-        raise ConfigError(f"rating range {lo}..{hi} has {last - first + 1} whole-number levels; "
+        raise ConfigError(f"rating range {lo:g}..{hi:g} has {last - first + 1} whole-number levels; "
                           f"row ingest supports at most {MAX_RATING_LEVELS}")
     return [2 * r - 1 for r in range(first, last + 1)]
 
 
-def encode_rows(ratings: np.ndarray, mask: np.ndarray, rating_range: tuple[float, float]) -> np.ndarray:
-    """Dense (ratings, 0/1 mask) rows as codes: 0 unrated, 2r - 1 rated with r."""
-    rated = mask > 0
-    values = ratings[rated]
+def encode_rows(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                rating_range: tuple[float, float]) -> np.ndarray:
+    """Dense (ratings, 0/1 mask) pairs of the same rows as codes: 0, 2r - 1 (train), -(2r - 1) (test)."""
+    rating_codes(rating_range)
     lo, hi = rating_range
-    bad = np.flatnonzero(~np.isfinite(values) | (values != np.rint(values)) | (values < lo) | (values > hi))
-    if bad.size:
-        raise DataError(f"rating {values[bad[0]]!r} cannot be sent by row ingest: ratings must be whole "
-                        f"numbers in {lo:g}..{hi:g} ({bad.size} such rating(s))")
-    codes = np.zeros(ratings.shape, dtype=np.int64)
-    codes[rated] = 2 * np.rint(values).astype(np.int64) - 1
+    codes = np.zeros(train[0].shape, dtype=np.int64)
+    for (ratings, mask), sign in ((train, 1), (test, -1)):
+        rated = mask > 0
+        values = ratings[rated]
+        bad = np.flatnonzero(~np.isfinite(values) | (values != np.rint(values)) | (values < lo) | (values > hi))
+        if bad.size:
+            raise DataError(f"rating {float(values[bad[0]])!r} cannot be sent by row ingest: ratings must be whole "
+                            f"numbers in {lo:g}..{hi:g} ({bad.size} such rating(s))")
+        if np.any(codes[rated] != 0):
+            raise DataError("a (user, item) pair is both a training and a held-out rating")
+        codes[rated] = sign * (2 * np.rint(values).astype(np.int64) - 1)
     return codes
 
 
-def decode_in_mpc(codes: Any, rating_range: tuple[float, float]) -> tuple[Any, Any]:
-    """Shared precision-0 codes -> (ratings at 16-bit fixed point, precision-0 mask)."""
+def decode_in_mpc(codes: Any, rating_range: tuple[float, float]) -> tuple[Any, Any, Any, Any]:
+    """Shared precision-0 codes -> (train ratings, train mask, test ratings, test mask).
+
+    Ratings come out at CrypTen's 16-bit fixed point, masks as precision-0 integers.
+    """
     from crypten.encoder import FixedPointEncoder
 
     allowed = rating_codes(rating_range)
+    square = codes * codes
     product = None
     for k in allowed:
-        factor = codes - k
+        factor = square - k * k
         product = factor if product is None else product * factor
-    denominator = math.prod(-k for k in allowed)  # odd
-    inverse = _signed(pow(denominator, -1, RING))
+    denominator = math.prod(-k * k for k in allowed)  # odd
     not_rated = product.clone()
-    not_rated._tensor.share = not_rated._tensor.share * inverse  # Q(v) / D exactly, wraps mod 2^64
-    mask = 1 - not_rated
-    ratings = codes + mask
-    ratings._tensor.share = ratings._tensor.share * (1 << 15)
-    encoder = FixedPointEncoder()  # CrypTen's default 16 fractional bits
-    ratings._tensor.encoder = encoder
-    ratings.encoder = encoder
-    return ratings, mask
+    not_rated.share = not_rated.share * _signed(pow(denominator, -1, RING))  # Q(v) / D exactly, mod 2^64
+    rated = 1 - not_rated
+    train_mask = (-codes)._ltz()  # [v > 0], exact 0/1 at precision 0
+    test_mask = rated - train_mask
+    code_times_train = codes * train_mask
+    train_ratings = code_times_train + train_mask
+    test_ratings = test_mask - codes + code_times_train
+    for ratings in (train_ratings, test_ratings):
+        ratings.share = ratings.share * (1 << 15)
+        ratings.encoder = FixedPointEncoder()  # CrypTen's default 16 fractional bits
+    return train_ratings, train_mask, test_ratings, test_mask
 
 
 def _signed(value: int) -> int:
@@ -117,30 +134,24 @@ def padded_length(cells: int, spec: PackingSpec) -> int:
     return -(-cells // k) * k
 
 
-def contributor_vector(train_codes: np.ndarray, test_codes: np.ndarray, spec: PackingSpec) -> np.ndarray:
-    """[train codes row-major | test codes row-major | zeros up to a whole ciphertext]."""
-    flat = np.concatenate([train_codes.ravel(), test_codes.ravel()]).astype(np.int64)
+def contributor_vector(codes: np.ndarray, spec: PackingSpec) -> np.ndarray:
+    """The codes row-major, then zeros up to a whole ciphertext."""
+    flat = codes.ravel().astype(np.int64)
     out = np.zeros(padded_length(flat.size, spec), dtype=np.int64)
     out[: flat.size] = flat
     return out
 
 
-def split_codes(local: np.ndarray, rows: list[int], n_items: int, spec: PackingSpec) -> tuple[Any, Any]:
-    """This party's share of the joint vector -> its shares of the (train, test) code matrices.
+def joint_codes(local: np.ndarray, rows: list[int], n_items: int, spec: PackingSpec) -> np.ndarray:
+    """This party's share of the joint vector -> its share of the joint code matrix, flattened.
 
-    Pure slicing of public positions: contributor i's padded segment holds rows[i] train
-    rows then rows[i] test rows.
+    Pure slicing of public positions: contributor i's padded segment starts with its
+    rows[i] rows of codes.
     """
-    import torch
-
-    train, test, start = [], [], 0
+    parts, start = [], 0
     for n in rows:
-        cells = n * n_items
-        train.append(local[start:start + cells])
-        test.append(local[start + cells:start + 2 * cells])
-        start += padded_length(2 * cells, spec)
+        parts.append(local[start:start + n * n_items])
+        start += padded_length(n * n_items, spec)
     if start != local.size:
         raise ConfigError(f"the ingested vector has {local.size} values, the layout {rows} needs {start}")
-    total = sum(rows)
-    as_matrix = lambda parts: torch.from_numpy(np.concatenate(parts).reshape(total, n_items).copy())  # noqa: E731
-    return as_matrix(train), as_matrix(test)
+    return np.ascontiguousarray(np.concatenate(parts))

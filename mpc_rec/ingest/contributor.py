@@ -129,15 +129,14 @@ def _contribution(config: ContributorConfig) -> Any:
         test_ratings, test_mask = dense_matrices(test, users, catalogue)
     else:
         test_ratings, test_mask = np.zeros_like(ratings), np.zeros_like(mask)
-    train_codes = encode_rows(ratings, mask, config.rating_range)
-    test_codes = encode_rows(test_ratings, test_mask, config.rating_range)
+    codes = encode_rows((ratings, mask), (test_ratings, test_mask), config.rating_range)
     public_key = load_public_key(config.public_key)
     expected = config.fingerprint
     if config.fault == "wrong-key":  # a contributor handed some other key
         public_key, _ = generate_keypair(public_key.bits, allow_insecure_size=public_key.insecure)
         expected = None
     spec = IngestSpec.for_ratings(config.rating_range, key_bits=public_key.bits, stat_bits=config.stat_bits)
-    vector = contributor_vector(train_codes, test_codes, spec)
+    vector = contributor_vector(codes, spec)
     if config.fault == "oversized":
         vector = np.concatenate([vector, np.zeros(spec.slots_per_ciphertext, dtype=np.int64)])
     return make_contribution(public_key, spec, config.id, config.round, vector.astype(np.float64),

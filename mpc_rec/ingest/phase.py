@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mpc_rec.errors import ConfigError, InputError, PeerError
-from mpc_rec.ingest.codes import IngestSpec, decode_in_mpc, padded_length, split_codes
+from mpc_rec.ingest.codes import IngestSpec, decode_in_mpc, joint_codes, padded_length
 from mpc_rec.ingest.round import IngestRound
 from mpc_rec.ingest.transport import Server, request
 from mpc_rec.paillier.errors import AggregationError, RejectedContribution
@@ -194,7 +194,7 @@ def _decrypt(ingest: IngestConfig, rating_range: tuple[float, float], n_items: i
     try:
         rows = _rows(reply)
         share = KeyHolder(private_key, spec).decrypt(body, expected_round=ingest.round)
-        expected = sum(padded_length(2 * r * n_items, spec) for r in rows)
+        expected = sum(padded_length(r * n_items, spec) for r in rows)
         if share.length != expected:
             raise AggregationError(f"masked vector has {share.length} values, the layout needs {expected}")
     except (AggregationError, PeerError) as exc:
@@ -239,10 +239,6 @@ def shared_inputs(session: Any, ingested: Ingested, n_items: int, rating_range: 
     agree_on_shares(session.comm, share, failed=False, round_id=ingested.round,
                     length=int(lengths[AGGREGATOR][0]), roles=(KEY_HOLDER, AGGREGATOR))
     total = sum(ingested.rows)
-    parts = None if share is None else split_codes(share.values, ingested.rows, n_items, ingested.spec)
-    matrices = []
-    for index in range(2):
-        local = None if parts is None else np.ascontiguousarray(parts[index].numpy().ravel())
-        codes = shares_to_mpc(local, length=total * n_items, precision=0).reshape(total, n_items)
-        matrices.extend(decode_in_mpc(codes, rating_range))
-    return tuple(matrices)
+    local = None if share is None else joint_codes(share.values, ingested.rows, n_items, ingested.spec)
+    codes = shares_to_mpc(local, length=total * n_items, precision=0).reshape(total, n_items)
+    return decode_in_mpc(codes, rating_range)

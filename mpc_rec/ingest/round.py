@@ -1,7 +1,7 @@
 """The aggregator's side of row ingest: check each contributor's rows, place, mask.
 
-Each registered contributor sends one Contribution per round: its rows' codes (train
-block, test block, zero padding to whole ciphertexts) encrypted under the key holder's
+Each registered contributor sends one Contribution per round: its rows' codes (training
+and held-out ratings in one code per cell, zero padding to whole ciphertexts) encrypted under the key holder's
 key. Blocks are disjoint, so the homomorphic sum of the contributors' zero-extended
 vectors is the concatenation of their ciphertexts: every slot carries exactly one
 contribution and needs no headroom. The aggregator multiplies in a mask, keeps its
@@ -66,7 +66,7 @@ class IngestRound:
             raise ConfigError("the ingest registry must name at least one contributor, each with 1 or more rows")
         self.public_key, self.spec, self.round, self.n_items = public_key, spec, round_id, n_items
         self.registry = dict(registry)
-        self.lengths = {cid: padded_length(2 * rows * n_items, spec) for cid, rows in registry.items()}
+        self.lengths = {cid: padded_length(rows * n_items, spec) for cid, rows in registry.items()}
         self._clock = clock
         self.deadline = clock() + deadline_s
         self.closed = False

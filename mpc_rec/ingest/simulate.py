@@ -101,7 +101,7 @@ class ContributorSimulation:
                 "contributor": {"id": cid, "round": round_id, "workers": 1},  # the launcher runs one per core
                 "data": {"train": f"{cid}-train.csv", "test": f"{cid}-test.csv", "catalogue": "catalogue.txt",
                          "rating_min": options.rating_range[0], "rating_max": options.rating_range[1]},
-                "aggregator": {"address": address, "wait_s": options.ingest_deadline_s},
+                "aggregator": {"address": address, "wait_s": wait_s},  # the aggregator may start late
                 "key": {"public_key": "paillier-public.json", "fingerprint": public_key.fingerprint},
             }
             if cid in faults:
