@@ -52,7 +52,7 @@ def main() -> None:
 @click.option("--budget-epsilon", type=click.FloatRange(0, min_open=True), default=50.0, show_default=True, help="Total epsilon per data set when a new ledger is created.")
 @click.option("--progress/--no-progress", default=None, help="Progress line on stderr. [default: when stderr is a terminal]")
 @click.option("--contributors", type=click.IntRange(min=0), default=0, show_default=True, help="Users' rows come from this many simulated data holders (separate processes) through Paillier ingest; 0: each compute party holds its own users' rows.")
-@click.option("--ingest-deadline", type=click.FloatRange(1, 3000), default=1800.0, show_default=True, help="Seconds the aggregator accepts contributions (the round closes earlier once every contributor sent or withdrew).")
+@click.option("--ingest-deadline", type=click.FloatRange(1, 82800), default=1800.0, show_default=True, help="Seconds the aggregator accepts contributions (the round closes earlier once every contributor sent or withdrew).")
 @click.option("--insecure-1024-bit-key", is_flag=True, help="INSECURE: 1024-bit Paillier key for --contributors (fast tests only; default 2048).")
 @click.option("--contributor-faults", default=None, help="Simulate misbehaving contributors, e.g. 'c002:drop,c003:replay' (faults: drop, replay, wrong-key, malformed, oversized, nan).")
 def run(**options: Any) -> None:

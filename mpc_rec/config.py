@@ -158,16 +158,15 @@ def parse_party_config(raw: dict[str, Any], *, base: Path) -> PartyConfig:
         from mpc_rec.ingest.phase import IngestConfig
 
         settings = dict(section("ingest"))
-        for key in ("address", "fingerprint"):
-            if key not in settings:
-                raise ConfigError(f"missing required setting ingest.{key}")
+        if "address" not in settings:
+            raise ConfigError("missing required setting ingest.address")
         for key in ("public_key", "private_key", "registry"):
             if key in settings:
                 settings[key] = resolve(settings[key])
-        if role != "compute" or "train" in data or "test" in data:
-            raise ConfigError("[ingest] is for compute parties without data.train / data.test (rows come from contributors)")
+        if "train" in data or "test" in data:
+            raise ConfigError("[ingest] is for parties without data.train / data.test (rows come from contributors)")
         ingest = IngestConfig(**settings)
-        if top_k > 0:
+        if role == "compute" and top_k > 0:
             raise ConfigError("output.top_k must be 0 with [ingest]: recommendations would have to go back to the contributors")
         ingest.check_role(endpoint.rank)
     return PartyConfig(

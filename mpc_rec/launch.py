@@ -398,4 +398,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  outputs: {Path(summary['outputs'][summary['parties'][0]['name']]).parent}/"
         " (summary.json, one folder per party)",
     ]
+    ingest = summary.get("ingest")
+    if ingest is not None:
+        lines.insert(3, (
+            f"  ingest: {ingest['contributors_aggregated']} of {ingest['contributors_registered']} contributors "
+            f"aggregated ({ingest['users_aggregated']} users; {len(ingest['rejected'])} refusal(s), "
+            f"{len(ingest['withdrawn'])} withdrawn, {len(ingest['dropped'])} dropped); "
+            f"{ingest['ciphertexts_per_contributor']:.0f} ciphertexts, {ingest['bytes_per_contributor'] / 1024:.0f} KiB "
+            f"per contributor; {ingest['paillier']['key_bits']}-bit key"
+            + ("  ** INSECURE TEST-SIZE KEY **" if ingest["paillier"]["key_bits"] < 2048 else "")))
     return "\n".join(lines)

@@ -30,6 +30,10 @@ Reporter = Callable[[dict[str, Any]], None]
 def run_party(config: PartyConfig, report: Reporter = lambda event: None) -> dict[str, Any]:
     """Run this process's role to the end; returns its summary (also written to disk)."""
     if config.role == "dealer":
+        if config.ingest is not None:  # join the rendezvous only once the rows have arrived
+            from mpc_rec.ingest.phase import ingest_before_session
+
+            ingest_before_session(config, 0)
         serve_dealer(config.endpoint)
         return {"role": "dealer", "rank": config.endpoint.rank}
     catalogue = read_catalogue(config.catalogue_path)  # public
@@ -61,7 +65,8 @@ def _reserve_budget(config: PartyConfig, n_items: int) -> tuple[Any, str | None]
         target_epsilon=privacy.epsilon, delta=privacy.delta, steps=config.train.epochs,
         clip=ClipBounds(step=privacy.clip_step, mean=privacy.clip_eval),
         dimension=n_items * (config.train.factors + 1), parties=config.endpoint.world_size,
-        trusted_parties=privacy.trusted_parties, mean_releases=1 if config.test_path else 0,
+        trusted_parties=privacy.trusted_parties,
+        mean_releases=1 if config.test_path or config.ingest else 0,  # ingest always brings held-out rows
     )
     if not privacy.ledger.exists():
         privacy.ledger.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ class IngestConfig:
     """The [ingest] section of a compute party's configuration."""
 
     address: str  # the aggregator's ingest channel, HOST:PORT
-    fingerprint: str  # the key holder's public key fingerprint, learnt out of band
+    fingerprint: str = ""  # the key holder's public key fingerprint, learnt out of band (ranks 0 and 1)
     round: int = 0
     deadline_s: float = 1800.0  # contributions are accepted until then
     wait_s: float = 3600.0  # bound on every wait of the ingest phase
@@ -55,9 +55,9 @@ class IngestConfig:
             raise ConfigError(f"ingest.round must be a non-negative integer, got {self.round!r}")
 
     def check_role(self, rank: int) -> None:
-        needed = {KEY_HOLDER: ("private_key",), AGGREGATOR: ("public_key", "registry")}.get(rank, ())
+        needed = {KEY_HOLDER: ("private_key", "fingerprint"), AGGREGATOR: ("public_key", "registry", "fingerprint")}.get(rank, ())
         for name in needed:
-            if getattr(self, name) is None:
+            if not getattr(self, name):
                 raise ConfigError(f"missing required setting ingest.{name} for rank {rank}")
 
 
@@ -99,13 +99,14 @@ def ingest_before_session(config: Any, n_items: int) -> Ingested:
     rank = config.endpoint.rank
     ingest.check_role(rank)
     if rank == AGGREGATOR:
-        return _aggregate(ingest, config.rating_range, n_items)
+        waiting = config.endpoint.world_size - 2 + (config.endpoint.dealer == "ttp")  # others and the dealer
+        return _aggregate(ingest, config.rating_range, n_items, waiting_parties=waiting)
     if rank == KEY_HOLDER:
         return _decrypt(ingest, config.rating_range, n_items)
-    return _await_ready(ingest)
+    return _await_ready(ingest, rank)  # further compute parties and the dealer
 
 
-def _aggregate(ingest: IngestConfig, rating_range: tuple[float, float], n_items: int) -> Ingested:
+def _aggregate(ingest: IngestConfig, rating_range: tuple[float, float], n_items: int, *, waiting_parties: int) -> Ingested:
     started = time.monotonic()
     public_key = load_public_key(ingest.public_key, expected_fingerprint=ingest.fingerprint)
     spec = IngestSpec.for_ratings(rating_range, key_bits=public_key.bits, stat_bits=ingest.stat_bits)
@@ -113,7 +114,8 @@ def _aggregate(ingest: IngestConfig, rating_range: tuple[float, float], n_items:
     round_ = IngestRound(public_key, spec, round_id=ingest.round, registry=registry, n_items=n_items,
                          deadline_s=ingest.deadline_s)
     lock = threading.Lock()
-    closed, decrypted = threading.Event(), threading.Event()
+    closed, decrypted, all_told = threading.Event(), threading.Event(), threading.Event()
+    told: set[int] = set()
     outcome: dict[str, Any] = {}
     hex_digits = 2 * public_key.bits // 4 + 3
     largest = max(spec.chunks(length) for length in round_.lengths.values()) * hex_digits + 4096
@@ -148,6 +150,11 @@ def _aggregate(ingest: IngestConfig, rating_range: tuple[float, float], n_items:
             return {"status": "ok"}, None
         if kind == "ready":  # every other compute party
             decrypted.wait(ingest.wait_s)
+            rank = header.get("rank")
+            with lock:
+                told.add(rank if isinstance(rank, int) else -1)
+                if len(told) >= waiting_parties:
+                    all_told.set()
             if "result" not in outcome or outcome.get("key_holder", "no answer") is not None:
                 return {"status": "failed", "reason": outcome.get("failure") or outcome.get("key_holder", "timed out")}, None
             return {"status": "ok", "rows": outcome["result"].report.rows}, None
@@ -170,8 +177,12 @@ def _aggregate(ingest: IngestConfig, rating_range: tuple[float, float], n_items:
             raise PeerError(f"the key holder did not decrypt its share within {ingest.wait_s:.0f} s")
         if outcome["key_holder"] is not None:
             raise PeerError(f"the key holder could not decrypt its share: {outcome['key_holder']}")
+        # The channel stays open until every other compute party has heard that the round is
+        # done, however late it started: all of them must reach the session rendezvous.
+        if waiting_parties > 0 and not all_told.wait(ingest.wait_s):
+            raise PeerError(f"not every compute party asked whether the ingest round was done within {ingest.wait_s:.0f} s")
     finally:
-        time.sleep(0.5)  # let waiting parties read their replies before the channel closes
+        time.sleep(0.5)  # let the last replies go out before the channel closes
         server.close()
     result = outcome["result"]
     report = result.report.to_dict()
@@ -206,9 +217,9 @@ def _decrypt(ingest: IngestConfig, rating_range: tuple[float, float], n_items: i
     return Ingested(ingest.round, rows, share.length, share, time.monotonic() - started, report, spec)
 
 
-def _await_ready(ingest: IngestConfig) -> Ingested:
+def _await_ready(ingest: IngestConfig, rank: int) -> Ingested:
     started = time.monotonic()
-    reply, _ = request(ingest.address, {"kind": "ready", "round": ingest.round}, wait_s=ingest.wait_s)
+    reply, _ = request(ingest.address, {"kind": "ready", "round": ingest.round, "rank": rank}, wait_s=ingest.wait_s)
     if reply.get("status") != "ok":
         raise PeerError(f"ingest round {ingest.round} failed: {reply.get('reason', 'no answer')}")
     return Ingested(ingest.round, _rows(reply), 0, None, time.monotonic() - started)

@@ -31,9 +31,6 @@ from mpc_rec.ingest.codes import IngestSpec
 from mpc_rec.paillier._crypto import available_cores
 from mpc_rec.paillier.keys import generate_keypair, save_private_key, save_public_key
 
-DEALER_TIMEOUT_S = 3600.0  # the dealer waits at the rendezvous through the whole ingest phase
-
-
 @dataclass
 class _Contributor:
     id: str
@@ -78,7 +75,8 @@ class ContributorSimulation:
         for party in parties:
             document = tomllib.loads(party.config.read_text(encoding="utf-8"))
             if document["party"]["role"] == "dealer":
-                document["network"]["timeout_s"] = DEALER_TIMEOUT_S
+                document["ingest"] = {"address": address, "round": round_id, "deadline_s": options.ingest_deadline_s,
+                                      "wait_s": wait_s}
             else:
                 rank = document["party"]["rank"]
                 for name in ("train", "test"):
@@ -143,10 +141,10 @@ class ContributorSimulation:
             c.result = None
 
     def stop(self) -> None:
-        """Wait for the contributors (they end by the deadline); end any still running."""
-        if self._thread is not None:
-            self._thread.join(timeout=self.deadline_s + 60)
+        """After the parties: the round is over, so a contributor still running missed it; end it."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
         for c in self.contributors:
             if c.process is not None and c.process.poll() is None:
                 c.process.kill()
