@@ -94,11 +94,15 @@ class ContributorSimulation:
         for cid, users in zip(ids, pieces):
             chosen = list(users)
             write_ratings_csv(train.subset(np.isin(train.users, chosen)), workdir / f"{cid}-train.csv")
-            write_ratings_csv(test.subset(np.isin(test.users, chosen)), workdir / f"{cid}-test.csv")
+            own_test = test.subset(np.isin(test.users, chosen))
+            data = {"train": f"{cid}-train.csv", "catalogue": "catalogue.txt",
+                    "rating_min": options.rating_range[0], "rating_max": options.rating_range[1]}
+            if len(own_test):  # a few users may have no held-out rating at all
+                write_ratings_csv(own_test, workdir / f"{cid}-test.csv")
+                data["test"] = f"{cid}-test.csv"
             document = {
                 "contributor": {"id": cid, "round": round_id, "workers": 1},  # the launcher runs one per core
-                "data": {"train": f"{cid}-train.csv", "test": f"{cid}-test.csv", "catalogue": "catalogue.txt",
-                         "rating_min": options.rating_range[0], "rating_max": options.rating_range[1]},
+                "data": data,
                 "aggregator": {"address": address, "wait_s": wait_s},  # the aggregator may start late
                 "key": {"public_key": "paillier-public.json", "fingerprint": public_key.fingerprint},
             }
