@@ -38,7 +38,7 @@ def main() -> None:
 @click.option("--regularization", type=click.FloatRange(min=0), default=None, help="L2 penalty per rating. [default: 0.1]")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for the split, the partition and the public initialisation.")
 @click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True, help="Share of ratings held out for the test RMSE.")
-@click.option("--top-k", type=click.IntRange(min=0), default=10, show_default=True, help="Recommendations per user (0: train and evaluate only).")
+@click.option("--top-k", type=click.IntRange(min=0), default=None, help="Recommendations per user (0: train and evaluate only). [default: 10; 0 with --contributors]")
 @click.option("--rating-range", type=(float, float), default=(1.0, 5.0), show_default=True, help="Smallest and largest valid rating.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("mpc-rec-run"), show_default=True, help="Output folder: summary.json and one folder per party.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(1, 3600), default=30.0, show_default=True, help="Seconds a party waits for a peer before giving up.")
@@ -55,6 +55,10 @@ def main() -> None:
 @click.option("--release-epsilon", type=click.FloatRange(0, min_open=True), default=None, help="Epsilon of one threshold release (required with --release threshold).")
 @click.option("--release-budget", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True, help="Total release epsilon per user, over all runs sharing --ledger-dir; then the last release is shown again.")
 @click.option("--release-users", type=click.Path(dir_okay=False, path_type=Path), default=None, help="CSV 'user,epsilon': users who chose a stronger (smaller) release epsilon than the run's.")
+@click.option("--contributors", type=click.IntRange(min=0), default=0, show_default=True, help="Users' rows come from this many simulated data holders (separate processes) through Paillier ingest; 0: each compute party holds its own users' rows.")
+@click.option("--ingest-deadline", type=click.FloatRange(1, 82800), default=1800.0, show_default=True, help="Seconds the aggregator accepts contributions (the round closes earlier once every contributor sent or withdrew).")
+@click.option("--insecure-1024-bit-key", is_flag=True, help="INSECURE: 1024-bit Paillier key for --contributors (fast tests only; default 2048).")
+@click.option("--contributor-faults", default=None, help="Simulate misbehaving contributors, e.g. 'c002:drop,c003:replay' (faults: drop, replay, wrong-key, malformed, oversized, nan).")
 def run(**options: Any) -> None:
     """Run a complete local multi-party job: train, score, evaluate, summarise.
 
@@ -95,6 +99,22 @@ def party(config_path: Path, events: bool) -> None:
         rmse = result["rmse_secure"]
         click.echo(f"party {result['name']}: done" + (f", test RMSE {rmse:.4f}" if rmse is not None else "")
                    + f"; outputs in {config.output_dir}", err=True)
+
+
+@main.command(epilog=EXIT_CODES)
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Contributor configuration (TOML); see parties/README.md.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON line on stdout.")
+def contributor(config_path: Path, as_json: bool) -> None:
+    """Run ONE data holder: encrypt its rows under the key holder's key and submit them once."""
+    from mpc_rec.ingest.contributor import load_contributor_config, run_contributor
+
+    try:
+        result = run_contributor(load_contributor_config(config_path))
+    except MpcRecError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result))
+    click.echo(f"contributor {result['contributor']}: {result['status']}", err=True)
 
 
 @main.command(epilog=EXIT_CODES)

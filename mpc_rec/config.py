@@ -33,6 +33,10 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     },
     "release": {"policy": str, "epsilon": (int, float), "budget": (int, float), "ledger": str, "users": str,
                 "run_id": str, "timestamp": str},
+    "ingest": {  # rows come from contributors through Paillier ingest (mpc_rec/ingest/)
+        "address": str, "fingerprint": str, "round": int, "deadline_s": (int, float), "wait_s": (int, float),
+        "stat_bits": int, "public_key": str, "private_key": str, "registry": str,
+    },
 }
 _PRIVACY_REQUIRED = ("epsilon", "dataset", "run_id", "timestamp", "ledger")
 _REQUIRED = {
@@ -87,6 +91,7 @@ class PartyConfig:
     top_k: int
     privacy: PrivacyConfig | None = None
     release: ReleaseConfig = ReleaseConfig()
+    ingest: Any = None  # mpc_rec.ingest.phase.IngestConfig: rows from contributors, not from [data] train
 
 
 def load_party_config(path: str | os.PathLike[str]) -> PartyConfig:
@@ -112,6 +117,8 @@ def parse_party_config(raw: dict[str, Any], *, base: Path) -> PartyConfig:
     if role not in ROLES:
         raise ConfigError(f"party.role must be one of {', '.join(ROLES)}, got '{role}'")
     for table, key in _REQUIRED[role]:
+        if (table, key) == ("data", "train") and section("ingest"):
+            continue  # the rows arrive from contributors
         if key not in section(table):
             raise ConfigError(f"missing required setting {table}.{key}")
 
@@ -154,7 +161,24 @@ def parse_party_config(raw: dict[str, Any], *, base: Path) -> PartyConfig:
     for key in ("ledger", "users"):
         if key in release:
             release[key] = resolve(release[key])
+    ingest = None
+    if section("ingest"):
+        from mpc_rec.ingest.phase import IngestConfig
+
+        settings = dict(section("ingest"))
+        if "address" not in settings:
+            raise ConfigError("missing required setting ingest.address")
+        for key in ("public_key", "private_key", "registry"):
+            if key in settings:
+                settings[key] = resolve(settings[key])
+        if "train" in data or "test" in data:
+            raise ConfigError("[ingest] is for parties without data.train / data.test (rows come from contributors)")
+        ingest = IngestConfig(**settings)
+        if role == "compute" and top_k > 0:
+            raise ConfigError("output.top_k must be 0 with [ingest]: recommendations would have to go back to the contributors")
+        ingest.check_role(endpoint.rank)
     return PartyConfig(
+        ingest=ingest,
         privacy=privacy,
         release=ReleaseConfig(**release),
         name=section("party").get("name", f"rank{endpoint.rank}"),

@@ -63,6 +63,10 @@ class RunOptions:
     privacy: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_PRIVACY))
     ledger_dir: Path = Path("mpc-rec-ledger")
     release: dict[str, Any] = field(default_factory=lambda: {"policy": "exact"})
+    contributors: int = 0  # >0: users' rows come from this many simulated data holders (mpc_rec/ingest/)
+    ingest_deadline_s: float = 1800.0
+    paillier_bits: int = 2048
+    contributor_faults: dict[str, str] | None = None  # simulated misbehaviour, contributor id -> fault
 
     @classmethod
     def from_cli(cls, options: dict[str, Any]) -> "RunOptions":
@@ -81,11 +85,12 @@ class RunOptions:
             raise ConfigError(f"--rating-range: smallest rating {lo} must be below largest {hi}")
         return cls(
             parties=options["parties"], data=options["data"], train=TrainConfig(**train),
-            test_fraction=options["test_fraction"], top_k=options["top_k"], rating_range=(lo, hi),
+            test_fraction=options["test_fraction"], rating_range=(lo, hi),
             out=options["out"], timeout_s=options["timeout_s"],
             dealer="insecure-tfp" if options["insecure_tfp_dealer"] else "ttp",
             progress=options["progress"], privacy=privacy, ledger_dir=options["ledger_dir"],
             release=release_options(options),
+            **_ingest_options(options),
         )
 
     def reproducible(self, data_digest: str) -> dict[str, Any]:
@@ -110,6 +115,24 @@ def release_options(options: dict[str, Any]) -> dict[str, Any]:
     if options.get("release_users") is not None:
         release["users"] = options["release_users"]
     return release
+def _ingest_options(options: dict[str, Any]) -> dict[str, Any]:
+    contributors = options.get("contributors") or 0
+    if not contributors:
+        if options.get("contributor_faults") or options.get("insecure_1024_bit_key"):
+            raise ConfigError("--contributor-faults and --insecure-1024-bit-key need --contributors")
+        return {"top_k": 10 if options["top_k"] is None else options["top_k"]}
+    if options["top_k"]:
+        raise ConfigError("--contributors: recommendations would have to go back to the contributors; use --top-k 0")
+    from mpc_rec.ingest.contributor import FAULTS
+
+    faults = {}
+    for item in filter(None, (options.get("contributor_faults") or "").split(",")):
+        cid, _, fault = item.partition(":")
+        if fault not in FAULTS:
+            raise ConfigError(f"--contributor-faults: '{item}' is not ID:FAULT with FAULT one of {', '.join(FAULTS)}")
+        faults[cid.strip()] = fault
+    return {"top_k": 0, "contributors": contributors, "ingest_deadline_s": options["ingest_deadline"],
+            "paillier_bits": 1024 if options.get("insecure_1024_bit_key") else 2048, "contributor_faults": faults or None}
 
 
 def _load(options: RunOptions) -> tuple[Ratings, str]:
@@ -151,11 +174,29 @@ def run_local(options: RunOptions) -> dict[str, Any]:
     progress = ProgressLine(total=options.train.epochs, enabled=options.progress)
     try:
         parties, user_blocks = write_deployment(options, workdir, staging, train, test, blocks, catalogue, digest)
-        results = _run_processes(options, parties, workdir, progress)
+        simulation = None
+        if options.contributors:
+            from mpc_rec.ingest.simulate import ContributorSimulation
+
+            simulation = ContributorSimulation.prepare(options, workdir, parties, train, test, user_blocks, catalogue)
+            progress.note(f"{options.contributors} contributors encrypting their rows")
+            simulation.start()
+        try:
+            results = _run_processes(options, parties, workdir, progress)
+        finally:
+            if simulation is not None:
+                simulation.stop()
         secure_s = time.perf_counter() - started
+        if simulation is not None:
+            ingest_report = next(r for r in results if r["rank"] == 1)["ingest"]["report"]
+            user_blocks = simulation.placed_blocks(ingest_report)  # the rows actually aggregated
+            placed = [user for block in user_blocks for user in block]
+            train, test = (part.subset(np.isin(part.users, placed)) for part in (train, test))
         progress.note("plaintext reference run")
         reference = run_reference(train, test, user_blocks, catalogue, options.train, options.top_k)
         summary = _summarise(options, digest, ratings, train, test, user_blocks, parties, results, reference, secure_s)
+        if simulation is not None:
+            summary["ingest"] = simulation.summary(ingest_report, results)
         summary["outputs"] = _publish(staging, options.out, parties)
         write_text_atomic(options.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
@@ -433,4 +474,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  outputs: {Path(summary['outputs'][summary['parties'][0]['name']]).parent}/"
         " (summary.json, one folder per party)",
     ]
+    ingest = summary.get("ingest")
+    if ingest is not None:
+        lines.insert(3, (
+            f"  ingest: {ingest['contributors_aggregated']} of {ingest['contributors_registered']} contributors "
+            f"aggregated ({ingest['users_aggregated']} users; {len(ingest['rejected'])} refusal(s), "
+            f"{len(ingest['withdrawn'])} withdrawn, {len(ingest['dropped'])} dropped); "
+            f"{ingest['ciphertexts_per_contributor']:.0f} ciphertexts, {ingest['bytes_per_contributor'] / 1024:.0f} KiB "
+            f"per contributor; {ingest['paillier']['key_bits']}-bit key"
+            + ("  ** INSECURE TEST-SIZE KEY **" if ingest["paillier"]["key_bits"] < 2048 else "")))
     return "\n".join(lines)

@@ -31,12 +31,20 @@ Reporter = Callable[[dict[str, Any]], None]
 def run_party(config: PartyConfig, report: Reporter = lambda event: None) -> dict[str, Any]:
     """Run this process's role to the end; returns its summary (also written to disk)."""
     if config.role == "dealer":
+        if config.ingest is not None:  # join the rendezvous only once the rows have arrived
+            from mpc_rec.ingest.phase import ingest_before_session
+
+            ingest_before_session(config, 0)
         serve_dealer(config.endpoint)
         return {"role": "dealer", "rank": config.endpoint.rank}
     catalogue = read_catalogue(config.catalogue_path)  # public
     plan, ledger_digest = _reserve_budget(config, len(catalogue))  # before any private data is read
     local = _load_local_data(config, catalogue)
     check_user_levels(config.release, local["users"])  # a bad per-user file fails before any MPC work
+    if config.ingest is not None:
+        from mpc_rec.ingest.phase import ingest_before_session
+
+        local["ingested"] = ingest_before_session(config, len(catalogue))
     try:
         result = _run_protocols(config, local, plan, ledger_digest, report)
     except RuntimeError as exc:  # torch.distributed reports lost or silent peers this way
@@ -59,7 +67,8 @@ def _reserve_budget(config: PartyConfig, n_items: int) -> tuple[Any, str | None]
         target_epsilon=privacy.epsilon, delta=privacy.delta, steps=config.train.epochs,
         clip=ClipBounds(step=privacy.clip_step, mean=privacy.clip_eval),
         dimension=n_items * (config.train.factors + 1), parties=config.endpoint.world_size,
-        trusted_parties=privacy.trusted_parties, mean_releases=1 if config.test_path else 0,
+        trusted_parties=privacy.trusted_parties,
+        mean_releases=1 if config.test_path or config.ingest else 0,  # ingest always brings held-out rows
     )
     if not privacy.ledger.exists():
         privacy.ledger.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +78,9 @@ def _reserve_budget(config: PartyConfig, n_items: int) -> tuple[Any, str | None]
 
 
 def _load_local_data(config: PartyConfig, catalogue: list[str]) -> dict[str, Any]:
+    if config.ingest is not None:  # no rows of its own: they arrive from contributors
+        empty = np.zeros((0, len(catalogue)))
+        return {"catalogue": catalogue, "users": [], "ratings": empty, "rated": empty, "test": None, "ingested": None}
     train = load_ratings(config.train_path, rating_range=config.rating_range)
     test = load_ratings(config.test_path, rating_range=config.rating_range) if config.test_path else None
     users = sort_ids(list(train.users) + (list(test.users) if test is not None else []))
@@ -99,16 +111,23 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger
     from mpc_rec.mpc.privacy import noised_item_aggregates, private_mse, private_training_data
 
     rank = config.endpoint.rank
-    evaluate = local["test"] is not None
+    ingested = local.get("ingested")
+    evaluate = local["test"] is not None or ingested is not None
     to_tensor = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
     reveals = RevealLog(plan_digest=None if plan is None else plan.digest())
     timings: dict[str, Any] = {}
     with Session(config.endpoint) as session:
         started = time.perf_counter()
         public = public_parameters(config, local["catalogue"], evaluate, plan, ledger)
-        rows = agree(session.comm, len(local["users"]), public)
-        ratings = share_rows(to_tensor(local["ratings"]), rows, rank)
-        mask = share_rows(to_tensor(local["rated"]), rows, rank, precision=0)
+        if ingested is None:
+            rows = agree(session.comm, len(local["users"]), public)
+            ratings = share_rows(to_tensor(local["ratings"]), rows, rank)
+            mask = share_rows(to_tensor(local["rated"]), rows, rank, precision=0)
+        else:
+            from mpc_rec.ingest.phase import public_description, shared_inputs
+
+            rows = agree(session.comm, 0, {**public, "ingest": public_description(ingested)})
+            ratings, mask, *ingested_test = shared_inputs(session, ingested, len(local["catalogue"]), config.rating_range)
         if plan is None:
             data, hook = shared_training_data(ratings, mask), None
         else:
@@ -132,9 +151,12 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger
         started = time.perf_counter()
         mse = None
         if evaluate:
-            test_ratings, test_mask = local["test"]
-            shared_test = share_rows(to_tensor(test_ratings), rows, rank)
-            shared_test_mask = share_rows(to_tensor(test_mask), rows, rank, precision=0)
+            if ingested is None:
+                test_ratings, test_mask = local["test"]
+                shared_test = share_rows(to_tensor(test_ratings), rows, rank)
+                shared_test_mask = share_rows(to_tensor(test_mask), rows, rank, precision=0)
+            else:
+                shared_test, shared_test_mask = ingested_test
             if plan is None:
                 tagged = declare_public(secure_mse(state, data.mean, shared_test, shared_test_mask), reason=NO_DP_REASON)
             else:
@@ -159,8 +181,12 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger
         "role": "compute",
         "name": config.name,
         "rank": rank,
-        "users": len(local["users"]),
+        "users": len(local["users"]) if ingested is None else sum(ingested.rows),
         "rows_per_party": rows,
+        "ingest": None if ingested is None else {
+            "rows_per_contributor": ingested.rows, "seconds_before_session": ingested.seconds,
+            "report": ingested.report,  # the aggregator's only
+        },
         "rmse_secure": None if mse is None else float(np.sqrt(max(mse, 0.0))),
         "privacy": _privacy_record(config, plan, ledger),
         "reveals": log_entries(reveals),

@@ -1,0 +1,160 @@
+"""The ingest channel: length-prefixed JSON over TCP, served by the aggregator.
+
+Every request is one connection: a header frame (a JSON object with "kind"), an
+optional body frame, then one reply (header frame, optional body frame). A frame is
+8 bytes of big-endian length and that many bytes. Nothing is pickled.
+
+Like the CrypTen transport, this channel is neither encrypted nor authenticated (see the
+protocol file): contributions are Paillier ciphertexts, but assumption 2 (the key holder
+never sees what contributors send to the aggregator) then rests on the network.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import socketserver
+import struct
+import threading
+import time
+from typing import Any, Callable
+
+from mpc_rec.errors import ConfigError, PeerError
+
+MAX_HEADER_BYTES = 64 << 10
+_LENGTH = struct.Struct(">Q")
+
+
+class FrameTooLarge(PeerError):
+    pass
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"ingest address must be HOST:PORT, got '{address}'")
+    return host, int(port)
+
+
+def send_frame(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(_LENGTH.pack(len(payload)) + payload)
+
+
+def recv_frame(sock: socket.socket, limit: int) -> bytes:
+    size = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))[0]
+    if size > limit:
+        raise FrameTooLarge(f"message of {size} bytes exceeds the limit of {limit}")
+    return _recv_exact(sock, size)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise PeerError("the connection closed in the middle of a message")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise PeerError(f"{what} is not UTF-8 JSON") from None
+    if not isinstance(value, dict):
+        raise PeerError(f"{what} must be a JSON object")
+    return value
+
+
+def _header(raw: bytes) -> dict[str, Any]:
+    value = _json_object(raw, "a request header")
+    if not isinstance(value.get("kind"), str):
+        raise PeerError("a request header must name its 'kind'")
+    return value
+
+
+def request(address: str, header: dict[str, Any], body: bytes | None = None, *, wait_s: float,
+            reply_limit: int = MAX_HEADER_BYTES) -> tuple[dict[str, Any], bytes | None]:
+    """Send one request and return (reply header, reply body or None).
+
+    Connecting is retried until ``wait_s`` has passed (the aggregator may not be up yet);
+    the reply is awaited for at most the rest of ``wait_s``.
+    """
+    host, port = parse_address(address)
+    end = time.monotonic() + wait_s
+    while True:
+        try:
+            sock = socket.create_connection((host, port), timeout=max(1.0, end - time.monotonic()))
+            break
+        except OSError as exc:
+            if time.monotonic() >= end:
+                raise PeerError(f"cannot reach the aggregator at {address}: {exc.strerror or exc}") from None
+            time.sleep(0.2)
+    with sock:
+        try:
+            sock.settimeout(max(1.0, end - time.monotonic()))
+            send_frame(sock, json.dumps({**header, "body": body is not None}).encode())
+            if body is not None:
+                send_frame(sock, body)
+            reply = _json_object(recv_frame(sock, MAX_HEADER_BYTES), "a reply")
+            reply_body = recv_frame(sock, reply_limit) if reply.get("body") else None
+        except socket.timeout:
+            raise PeerError(f"the aggregator at {address} did not answer within {wait_s:.0f} s") from None
+        except OSError as exc:
+            raise PeerError(f"lost the connection to the aggregator at {address}: {exc.strerror or exc}") from None
+    return reply, reply_body
+
+
+Handler = Callable[[dict[str, Any], bytes | None], tuple[dict[str, Any], bytes | None]]
+
+
+class Server:
+    """A threaded TCP server calling ``handle(header, body)`` for each request.
+
+    ``body_limit(header)`` says how large a body that header may bring; a larger one is
+    refused by a reply without reading it.
+    """
+
+    def __init__(self, address: str, handle: Handler, body_limit: Callable[[dict[str, Any]], int],
+                 io_timeout_s: float):
+        outer = self
+
+        class _Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                sock = self.request
+                sock.settimeout(io_timeout_s)
+                try:
+                    header = _header(recv_frame(sock, MAX_HEADER_BYTES))
+                    body = recv_frame(sock, body_limit(header)) if header.get("body") else None
+                    reply, reply_body = handle(header, body)
+                except FrameTooLarge as exc:
+                    reply, reply_body = {"status": "rejected", "reason": str(exc)}, None
+                    outer.refused.append(str(exc))
+                except (PeerError, OSError) as exc:
+                    outer.refused.append(str(exc))
+                    return
+                try:
+                    send_frame(sock, json.dumps({**reply, "body": reply_body is not None}).encode())
+                    if reply_body is not None:
+                        send_frame(sock, reply_body)
+                except OSError:
+                    pass  # the client gave up; nothing of the round depends on the reply
+
+        class _TCPServer(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.refused: list[str] = []  # requests dropped before they could be read
+        host, port = parse_address(address)
+        try:
+            self._server = _TCPServer((host, port), _Handler)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen for contributors on {address}: {exc.strerror or exc}") from None
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
