@@ -30,6 +30,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "clip_eval": (int, float), "item_weight": (int, float), "item_step": (int, float), "dataset": str, "run_id": str,
         "timestamp": str, "ledger": str, "budget_epsilon": (int, float), "budget_delta": float,
     },
+    "audit": {"transcript": str, "max_elements": int},
 }
 _PRIVACY_REQUIRED = ("epsilon", "dataset", "run_id", "timestamp", "ledger")
 _REQUIRED = {
@@ -83,6 +84,8 @@ class PartyConfig:
     output_dir: Path | None
     top_k: int
     privacy: PrivacyConfig | None = None
+    transcript_dir: Path | None = None  # [audit]: record every received message there
+    transcript_max_elements: int = 32_768
 
 
 def load_party_config(path: str | os.PathLike[str]) -> PartyConfig:
@@ -146,7 +149,12 @@ def parse_party_config(raw: dict[str, Any], *, base: Path) -> PartyConfig:
         privacy = PrivacyConfig(**settings)
         if not 1 <= privacy.trusted_parties <= endpoint.world_size:
             raise ConfigError(f"privacy.trusted_parties must be in 1..{endpoint.world_size}, got {privacy.trusted_parties}")
+    audit = section("audit")
+    if audit.get("max_elements", 1) < 1:
+        raise ConfigError(f"audit.max_elements must be at least 1, got {audit['max_elements']}")
     return PartyConfig(
+        transcript_dir=resolve(audit.get("transcript")),
+        transcript_max_elements=audit.get("max_elements", 32_768),
         privacy=privacy,
         name=section("party").get("name", f"rank{endpoint.rank}"),
         role=role,

@@ -59,6 +59,7 @@ class RunOptions:
     progress: bool | None = None
     privacy: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_PRIVACY))
     ledger_dir: Path = Path("mpc-rec-ledger")
+    transcript_dir: Path | None = None  # `mpc-rec audit`: parties record what they receive, logs kept there
 
     @classmethod
     def from_cli(cls, options: dict[str, Any]) -> "RunOptions":
@@ -89,6 +90,7 @@ class RunOptions:
                          data_sha256=data_digest, out=str(self.out), train=self.train.to_dict())
         described.pop("progress")
         described["ledger_dir"] = str(self.ledger_dir)
+        described["transcript_dir"] = None if self.transcript_dir is None else str(self.transcript_dir)
         return described
 
 
@@ -175,6 +177,8 @@ def write_deployment(options, workdir, staging, train, test, blocks, catalogue, 
                 **options.privacy, "dataset": dataset, "run_id": run_id, "timestamp": timestamp,
                 "ledger": str((options.ledger_dir / f"{name}.json").resolve()),
             }
+        if options.transcript_dir is not None:
+            document["audit"] = {"transcript": str(options.transcript_dir.resolve())}
         path = workdir / f"{name}.toml"
         write_text_atomic(path, dump_toml(document))
         parties.append(_Party(name, rank, path, options.out / name, staging / name))
@@ -193,8 +197,10 @@ def _read_party_summary(party: _Party) -> dict[str, Any]:
 
 def _run_processes(options: RunOptions, parties: list[_Party], workdir: Path, progress: ProgressLine) -> list[dict[str, Any]]:
     progress.note(f"starting {options.parties} parties" + (" and the dealer" if options.dealer == "ttp" else ""))
+    if options.transcript_dir is not None:
+        options.transcript_dir.mkdir(parents=True, exist_ok=True)
     for party in parties:
-        party.log = workdir / f"{party.name}.log"
+        party.log = (options.transcript_dir or workdir) / f"{party.name}.log"
         command = [sys.executable, "-m", "mpc_rec", "party", "--config", str(party.config)]
         if party.rank == 0:
             command.append("--events")
