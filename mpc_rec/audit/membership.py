@@ -92,7 +92,8 @@ def release(world: tuple[np.ndarray, np.ndarray], mechanism: Mechanism, rng: np.
     item_side = np.concatenate([state.item_factors.numpy().reshape(-1), state.item_bias.numpy()])
     scores = (state.user_factors @ state.item_factors.T + state.user_bias[:, None] + state.item_bias[None, :]).numpy()
     scores = np.where(mask[:-1] > 0, -np.inf, scores[:-1])
-    top = np.argsort(-scores, axis=1, kind="stable")[:, : mechanism.top_k]
+    k = min(mechanism.top_k, n_items - 1)
+    top = np.argpartition(-scores, k, axis=1)[:, :k]  # the attack counts items, order does not matter
     return item_side, top
 
 

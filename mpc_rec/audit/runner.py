@@ -287,7 +287,7 @@ def _membership(options: AuditOptions, truth: Truth) -> list[dict[str, Any]]:
                                  trusted_parties=1, mean_releases=1)
             mechanism = membership.Mechanism(config, plan, item_weight=DEFAULT_PRIVACY["item_weight"],
                                              item_step=DEFAULT_PRIVACY["item_step"],
-                                             midpoint=sum(options.rating_range) / 2, top_k=max(options.top_k, 1))
+                                             midpoint=sum(options.rating_range) / 2, top_k=options.top_k or 10)
             for result in membership.membership_inference(truth.ratings, truth.mask, mechanism,
                                                           rating_max=options.rating_range[1], trials=options.mia_trials):
                 record = asdict(result)
