@@ -129,17 +129,17 @@ def audit(**options: Any) -> None:
     and measures membership inference against the released model with and without DP.
     Writes OUT/report.md, OUT/audit.json and PNG plots; exits 4 when a check fails.
     """
-    from mpc_rec.audit.report import verdict_table
-    from mpc_rec.audit.runner import AuditOptions, run_audit
-    from mpc_rec.model import TrainConfig
-
     try:
         try:
             epsilons = tuple(float(e) for e in options["mia_epsilons"].split(",") if e.strip())
         except ValueError:
             raise InputError(f"--mia-epsilons: expected numbers separated by commas, got {options['mia_epsilons']!r}") from None
-        if any(not e > 0 for e in epsilons):
-            raise InputError("--mia-epsilons: every epsilon must be positive")
+        if any(not (e > 0 and e < 100) for e in epsilons):
+            raise InputError("--mia-epsilons: every epsilon must be in (0, 100)")
+        from mpc_rec.audit.report import verdict_table
+        from mpc_rec.audit.runner import AuditOptions, run_audit
+        from mpc_rec.model import TrainConfig
+
         report = run_audit(AuditOptions(
             out=options["out"], data=options["data"], parties=options["parties"], weaken=tuple(options["weaken"]),
             train=TrainConfig(epochs=options["epochs"], factors=options["factors"]), top_k=options["top_k"],

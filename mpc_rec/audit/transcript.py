@@ -19,8 +19,9 @@ the TTP dealer these are only this party's shares of the masks; under CrypTen's 
 provider party 0 draws the masks themselves. An attacker holding a party's transcript
 holds this too, which is what the audit's reconstruction attack uses.
 
-The seed exchange inside ``crypten.init()`` happens before a party installs the
-recorder, so it is not in the transcript (setup.md describes it).
+Not recorded: the seed exchange inside ``crypten.init()`` (it happens before a party
+installs the recorder; setup.md describes it), and the dealer process, which receives
+only party 0's requests (tuple kinds and sizes).
 """
 
 from __future__ import annotations
