@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mpc_rec.audit.views import wilson
-from mpc_rec.model import TrainConfig, TrainingData, exact_item_aggregates, initial_parameters, ModelState, plaintext_data, train_epoch
+from mpc_rec.model import ModelState, TrainConfig, TrainingData, exact_item_aggregates, initial_parameters, plaintext_data, train_epoch
 from mpc_rec.mpc.privacy import CLIP_SLACK
 
 
@@ -156,3 +156,40 @@ def _best_threshold(scores_in: np.ndarray, scores_out: np.ndarray) -> float:
     midpoints = np.concatenate([[candidates[0] - 1.0], (candidates[:-1] + candidates[1:]) / 2, [candidates[-1] + 1.0]])
     gains = [(scores_in > t).mean() - (scores_out > t).mean() for t in midpoints]
     return float(midpoints[int(np.argmax(gains))])
+
+
+def metric_membership(user_sse: np.ndarray, user_counts: np.ndarray, plan: Any, *, error: float, ratings: int = 10,
+                      trials: int = 200, seed: int = 0) -> AttackResult:
+    """Membership of a canary's held-out ratings in the released test MSE (the model held fixed).
+
+    IN: the canary has ``ratings`` held-out ratings, each off by ``error``; OUT: none. The
+    release is computed as the protocol does (dp-noise.md): per-user (SSE, count) clipped
+    to C_eval, summed, the honest noise added to both, then divided. Without DP it is exact.
+    """
+    rng = np.random.default_rng(seed)
+    canary = np.array([ratings * error**2, float(ratings)])
+    pairs = np.c_[user_sse, user_counts]
+    if plan is not None:
+        bound = CLIP_SLACK * plan.clip.mean
+        scale = lambda v: np.minimum(1.0, bound / np.maximum(np.linalg.norm(v, axis=-1), 1e-300))  # noqa: E731
+        pairs = pairs * scale(pairs)[:, None]
+        canary = canary * scale(canary)
+    base = pairs.sum(axis=0)
+
+    def released(member: bool) -> np.ndarray:
+        total = base + (canary if member else 0.0)
+        if plan is None:
+            return np.full(2 * trials, total[0] / total[1])
+        noise = rng.normal(0.0, plan.mean_sigma_total, (2 * trials, 2))
+        return (total[0] + noise[:, 0]) / np.maximum(total[1] + noise[:, 1] + 1.0, 1.0)
+
+    scores_in, scores_out = released(True), released(False)
+    threshold = _best_threshold(scores_in[:trials], scores_out[:trials])
+    tpr_hits = int((scores_in[trials:] > threshold).sum())
+    fpr_hits = int((scores_out[trials:] > threshold).sum())
+    tpr_low, tpr_high = wilson(tpr_hits, trials, confidence=0.975)
+    fpr_low, fpr_high = wilson(fpr_hits, trials, confidence=0.975)
+    epsilon, delta = (None, None) if plan is None else (plan.epsilon, plan.delta)
+    return AttackResult("released test MSE", epsilon, delta, None if plan is None else dp_advantage_bound(epsilon, delta),
+                        (tpr_hits - fpr_hits) / trials, tpr_low - fpr_high, tpr_high - fpr_low, trials,
+                        scores_in[trials:].tolist(), scores_out[trials:].tolist())
