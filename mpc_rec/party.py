@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from mpc_rec import __version__
-from mpc_rec.config import PartyConfig
 from mpc_rec.audit import transcript
+from mpc_rec.config import PartyConfig
 from mpc_rec.data import dense_matrices, load_ratings, read_catalogue, sort_ids
 from mpc_rec.dp.reveal import RevealLog, declare_public, noised
 from mpc_rec.errors import PeerError

@@ -179,3 +179,19 @@ def test_audit_refuses_bad_options(tmp_path):
     assert done.returncode == 2 and "--mia-epsilons" in done.stderr
     done = run_cli("audit", "--out", str(tmp_path), "--weaken", "everything")
     assert done.returncode == 2
+
+
+def test_audit_section_of_a_party_configuration(tmp_path):
+    from mpc_rec.config import parse_party_config
+    from mpc_rec.errors import ConfigError
+
+    raw = {"party": {"name": "a", "rank": 0, "world_size": 2}, "network": {"rendezvous": "tcp://127.0.0.1:1"},
+           "data": {"train": "a.csv", "catalogue": "items.txt"}, "output": {"dir": "out"},
+           "audit": {"transcript": "views", "max_elements": 64}}
+    config = parse_party_config(raw, base=tmp_path)
+    assert config.transcript_dir == tmp_path / "views" and config.transcript_max_elements == 64
+    raw["audit"]["max_elements"] = 0
+    with pytest.raises(ConfigError, match="audit.max_elements"):
+        parse_party_config(raw, base=tmp_path)
+    del raw["audit"]
+    assert parse_party_config(raw, base=tmp_path).transcript_dir is None  # no capture unless asked
