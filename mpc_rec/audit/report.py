@@ -167,15 +167,16 @@ def _plots(out: Path, report: dict[str, Any]) -> dict[str, str]:
     eps_grid = np.logspace(-1, math.log10(max([m["epsilon"] for m in with_dp] + [10]) * 1.5), 100)
     delta = with_dp[0]["delta"] if with_dp else 1e-5
     ax.plot(eps_grid, [dp_advantage_bound(e, delta) for e in eps_grid], "k-", lw=1, label="(eps, delta) bound")
-    for target, marker in (("item side (Q, c)", "o"), ("top-k of other users", "s"), ("released test MSE", "^")):
+    targets = (("item side (Q, c)", "o", "C0"), ("top-k of other users", "s", "C1"), ("released test MSE", "^", "C2"))
+    for shift, (target, marker, colour) in enumerate(targets):
         points = [m for m in with_dp if m["target"] == target]
         if points:
-            ax.errorbar([m["epsilon"] for m in points], [m["advantage"] for m in points],
+            ax.errorbar([m["epsilon"] * 1.06**shift for m in points], [m["advantage"] for m in points],
                         yerr=[[m["advantage"] - m["low"] for m in points], [m["high"] - m["advantage"] for m in points]],
-                        fmt=marker, capsize=3, label=target)
+                        fmt=marker, color=colour, capsize=3, label=target)
         for m in report["membership"]:
             if m["epsilon"] is None and m["target"] == target:
-                ax.axhline(m["advantage"], ls=":", lw=1, label=f"no DP, {target}")
+                ax.axhline(m["advantage"] + 0.01 * shift, ls=":", lw=1, color=colour, label=f"no DP, {target}")
     ax.set_xscale("log")
     ax.set(xlabel="epsilon", ylabel="advantage (TPR - FPR)", title="Membership inference", ylim=(-0.1, 1.05))
     ax.legend(fontsize=7)
