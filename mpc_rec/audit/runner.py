@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -109,12 +110,13 @@ def run_audit(options: AuditOptions, note: Callable[[str], None] = lambda messag
     else:
         data_a = load_ratings(options.data, rating_range=options.rating_range)
     data_b = alternative_input(data_a, options.rating_range)
-    runs = {}
     for label, data in (("a", data_a), ("b", data_b)):
-        path = work / f"input-{label}.csv"
-        write_ratings_csv(data, path)
-        note(f"secure run on input {label.upper()} with transcript capture")
-        runs[label] = _captured_run(options, path, work / label)
+        write_ratings_csv(data, work / f"input-{label}.csv")
+    note("two runs (inputs A and B) side by side, with transcript capture")
+    # Side by side: each run spends much of its time waiting on its own peers' rounds.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {label: pool.submit(_captured_run, options, work / f"input-{label}.csv", work / label) for label in ("a", "b")}
+        runs = {label: future.result() for label, future in futures.items()}
     truth = {"a": ground_truth(data_a, options.parties, options.train.seed),
              "b": ground_truth(data_b, options.parties, options.train.seed)}
     note("analysing the party views")
