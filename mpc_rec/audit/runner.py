@@ -100,6 +100,10 @@ def alternative_input(ratings: Ratings, rating_range: tuple[float, float], seed:
 
 def run_audit(options: AuditOptions, note: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     started = time.perf_counter()
+    try:  # before the long runs, not after them
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConfigError("mpc-rec audit draws its plots with matplotlib: install the 'report' extra") from None
     out = options.out
     work = out / "runs"
     if work.exists():
