@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from mpc_rec.errors import MpcRecError
+from mpc_rec.errors import InputError, MpcRecError
 
 EXIT_CODES = "Exit codes: 0 success, 1 internal error, 2 bad input or config, 3 another party failed."
 
@@ -145,3 +145,49 @@ def dashboard(run_dir: Path, sweep: Path | None, serve: bool, port: int) -> None
             serve_page(page, port, announce=lambda url: click.echo(f"serving {url} (localhost only; Ctrl-C to stop)"))
     except MpcRecError as exc:
         _fail(exc)
+@main.command(epilog="Exit codes: 0 every check passed, 4 the audit found a weakness, 1 internal error, "
+                     "2 bad input or config, 3 a party failed.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report folder: report.md, audit.json, PNG plots, and the runs with their transcripts.")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Ratings file (as for `run`). Default: the embedded synthetic data set.")
+@click.option("--parties", type=click.IntRange(2, 8), default=3, show_default=True, help="Number of compute parties.")
+@click.option("--weaken", type=click.Choice(["tfp", "no-dp"]), multiple=True, help="Audit a deliberately weakened configuration: tfp (INSECURE dealer), no-dp. Repeatable.")
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Training epochs of each captured run.")
+@click.option("--factors", type=click.IntRange(min=1), default=16, show_default=True, help="Latent factors K.")
+@click.option("--top-k", type=click.IntRange(min=0), default=10, show_default=True, help="Recommendations per user in the captured runs (0: none).")
+@click.option("--epsilon", type=click.FloatRange(0, min_open=True), default=4.0, show_default=True, help="DP budget of the audited configuration.")
+@click.option("--mia-epsilons", default="1,8", show_default=True, help="Comma-separated epsilons for the membership-inference comparison (no DP is always added).")
+@click.option("--mia-trials", type=click.IntRange(min=10), default=200, show_default=True, help="Measured runs per world (as many again calibrate the attack).")
+@click.option("--mia-epochs", type=click.IntRange(min=1), default=None, help="Training steps of each simulated run. [default: --epochs]")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(1, 3600), default=120.0, show_default=True, help="Seconds a party waits for a peer.")
+def audit(**options: Any) -> None:
+    """Security audit: captured real runs, view statistics, attacks, a verdict.
+
+    Runs the configuration twice on two inputs of the same shape with every party's
+    received messages recorded, then tests the views (uniformity, independence, a
+    trained distinguisher), attacks them (reconstruction from one party's transcript
+    and its own triple draws), searches every transcript, log and output for plaintext,
+    and measures membership inference against the released model with and without DP.
+    Writes OUT/report.md, OUT/audit.json and PNG plots; exits 4 when a check fails.
+    """
+    try:
+        try:
+            epsilons = tuple(float(e) for e in options["mia_epsilons"].split(",") if e.strip())
+        except ValueError:
+            raise InputError(f"--mia-epsilons: expected numbers separated by commas, got {options['mia_epsilons']!r}") from None
+        if any(not (e > 0 and e < 100) for e in epsilons):
+            raise InputError("--mia-epsilons: every epsilon must be in (0, 100)")
+        from mpc_rec.audit.report import verdict_table
+        from mpc_rec.audit.runner import AuditOptions, run_audit
+        from mpc_rec.model import TrainConfig
+
+        report = run_audit(AuditOptions(
+            out=options["out"], data=options["data"], parties=options["parties"], weaken=tuple(options["weaken"]),
+            train=TrainConfig(epochs=options["epochs"], factors=options["factors"]), top_k=options["top_k"],
+            epsilon=options["epsilon"], mia_epsilons=epsilons, mia_trials=options["mia_trials"],
+            mia_epochs=options["mia_epochs"], timeout_s=options["timeout_s"],
+        ), note=lambda message: click.echo(f"audit: {message}", err=True))
+    except MpcRecError as exc:
+        _fail(exc)
+    click.echo(verdict_table(report))
+    click.echo(f"audit: {'PASS' if report['passed'] else 'FAIL'}; report in {options['out'] / 'report.md'}")
+    sys.exit(0 if report["passed"] else 4)

@@ -37,6 +37,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "address": str, "fingerprint": str, "round": int, "deadline_s": (int, float), "wait_s": (int, float),
         "stat_bits": int, "public_key": str, "private_key": str, "registry": str,
     },
+    "audit": {"transcript": str, "max_elements": int},
 }
 _PRIVACY_REQUIRED = ("epsilon", "dataset", "run_id", "timestamp", "ledger")
 _REQUIRED = {
@@ -92,6 +93,8 @@ class PartyConfig:
     privacy: PrivacyConfig | None = None
     release: ReleaseConfig = ReleaseConfig()
     ingest: Any = None  # mpc_rec.ingest.phase.IngestConfig: rows from contributors, not from [data] train
+    transcript_dir: Path | None = None  # [audit]: record every received message there
+    transcript_max_elements: int = 32_768
 
 
 def load_party_config(path: str | os.PathLike[str]) -> PartyConfig:
@@ -177,8 +180,13 @@ def parse_party_config(raw: dict[str, Any], *, base: Path) -> PartyConfig:
         if role == "compute" and top_k > 0:
             raise ConfigError("output.top_k must be 0 with [ingest]: recommendations would have to go back to the contributors")
         ingest.check_role(endpoint.rank)
+    audit = section("audit")
+    if audit.get("max_elements", 1) < 1:
+        raise ConfigError(f"audit.max_elements must be at least 1, got {audit['max_elements']}")
     return PartyConfig(
         ingest=ingest,
+        transcript_dir=resolve(audit.get("transcript")),
+        transcript_max_elements=audit.get("max_elements", 32_768),
         privacy=privacy,
         release=ReleaseConfig(**release),
         name=section("party").get("name", f"rank{endpoint.rank}"),

@@ -67,6 +67,7 @@ class RunOptions:
     ingest_deadline_s: float = 1800.0
     paillier_bits: int = 2048
     contributor_faults: dict[str, str] | None = None  # simulated misbehaviour, contributor id -> fault
+    transcript_dir: Path | None = None  # `mpc-rec audit`: parties record what they receive, logs kept there
 
     @classmethod
     def from_cli(cls, options: dict[str, Any]) -> "RunOptions":
@@ -100,6 +101,7 @@ class RunOptions:
         described.pop("progress")
         described["ledger_dir"] = str(self.ledger_dir)
         described["release"] = {k: str(v) if isinstance(v, Path) else v for k, v in self.release.items()}
+        described["transcript_dir"] = None if self.transcript_dir is None else str(self.transcript_dir)
         return described
 
 
@@ -239,6 +241,8 @@ def write_deployment(options, workdir, staging, train, test, blocks, catalogue, 
             }
         document["release"] = _release_section(options, levels, users, workdir / f"{name}-release-users.csv",
                                                ledger_path_for(options.ledger_dir, name), run_id, timestamp)
+        if options.transcript_dir is not None:
+            document["audit"] = {"transcript": str(options.transcript_dir.resolve())}
         path = workdir / f"{name}.toml"
         write_text_atomic(path, dump_toml(document))
         parties.append(_Party(name, rank, path, options.out / name, staging / name))
@@ -277,8 +281,10 @@ def _read_party_summary(party: _Party) -> dict[str, Any]:
 def _run_processes(options: RunOptions, parties: list[_Party], workdir: Path, progress: ProgressLine) -> list[dict[str, Any]]:
     progress.note(f"starting {options.parties} parties" + (" and the dealer" if options.dealer == "ttp" else ""))
     environment = {**os.environ, THREADS_ENV: str(threads_per_process(len(parties)))}
+    if options.transcript_dir is not None:
+        options.transcript_dir.mkdir(parents=True, exist_ok=True)
     for party in parties:
-        party.log = workdir / f"{party.name}.log"
+        party.log = (options.transcript_dir or workdir) / f"{party.name}.log"
         command = [sys.executable, "-m", "mpc_rec", "party", "--config", str(party.config)]
         if party.rank == 0:
             command.append("--events")

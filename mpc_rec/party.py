@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from mpc_rec import __version__
+from mpc_rec.audit import transcript
 from mpc_rec.config import PartyConfig
 from mpc_rec.data import dense_matrices, load_ratings, read_catalogue, sort_ids
 from mpc_rec.dp.reveal import RevealLog, declare_public, noised
@@ -117,17 +118,23 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger
     reveals = RevealLog(plan_digest=None if plan is None else plan.digest())
     timings: dict[str, Any] = {}
     with Session(config.endpoint) as session:
+        if config.transcript_dir is not None:  # `mpc-rec audit`
+            transcript.install(config.transcript_dir, rank, config.transcript_max_elements)
+        transcript.set_phase("agreement")
         started = time.perf_counter()
         public = public_parameters(config, local["catalogue"], evaluate, plan, ledger)
         if ingested is None:
             rows = agree(session.comm, len(local["users"]), public)
+            transcript.set_phase("input-sharing")
             ratings = share_rows(to_tensor(local["ratings"]), rows, rank)
             mask = share_rows(to_tensor(local["rated"]), rows, rank, precision=0)
         else:
             from mpc_rec.ingest.phase import public_description, shared_inputs
 
             rows = agree(session.comm, 0, {**public, "ingest": public_description(ingested)})
+            transcript.set_phase("input-sharing")
             ratings, mask, *ingested_test = shared_inputs(session, ingested, len(local["catalogue"]), config.rating_range)
+        transcript.set_phase("training-setup")
         if plan is None:
             data, hook = shared_training_data(ratings, mask), None
         else:
@@ -141,13 +148,16 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger
 
         def on_epoch(epoch: int, seconds: float) -> None:
             report({"event": "epoch", "epoch": epoch, "epochs": config.train.epochs, "seconds": seconds})
+            transcript.set_phase(f"training-epoch-{epoch + 1}")
 
+        transcript.set_phase("training-epoch-1")
         state, epoch_seconds = train_secure(data, config.train, on_epoch, item_aggregates=hook)
         after_training = session.traffic()
         timings["secure_epoch_s"] = float(np.mean(epoch_seconds))
         timings["epoch_s"] = epoch_seconds
 
         report({"event": "scoring"})
+        transcript.set_phase("evaluation")
         started = time.perf_counter()
         mse = None
         if evaluate:
@@ -162,10 +172,12 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger
             else:
                 value = private_mse(state, data.mean, shared_test, shared_test_mask, plan)
                 tagged = noised(value, plan=plan, release="mean", index=0, aggregate="test MSE")
-            mse = float(open_to_all(tagged, name="test MSE", log=reveals))
+            with transcript.phase("evaluation-reveal"):
+                mse = float(open_to_all(tagged, name="test MSE", log=reveals))
         timings["evaluation_s"] = time.perf_counter() - started
         started = time.perf_counter()
         my_top = np.zeros((len(local["users"]), 0))
+        transcript.set_phase("top-k")
         if config.top_k > 0:
             top = secure_top_k(state, data.mean, mask, config.top_k)
             if plan is None:
@@ -173,9 +185,11 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger
             else:
                 tagged = noised(top, plan=plan, release="step", index=plan.steps - 1,
                                 aggregate="top-k: own users' data and the noised item side (joint DP)")
-            my_top = open_rows_to_owners(tagged, rows, rank, name="top-k item indices", log=reveals).numpy()
+            with transcript.phase("top-k-reveal"):
+                my_top = open_rows_to_owners(tagged, rows, rank, name="top-k item indices", log=reveals).numpy()
         timings["scoring_s"] = time.perf_counter() - started
         total = session.traffic()
+        transcript.close()
     epochs = config.train.epochs
     return {
         "role": "compute",
