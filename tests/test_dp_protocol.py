@@ -53,7 +53,7 @@ def _received_during_private_step(session, rows, plan):
     """One private training step in real processes, recording every tensor this party receives."""
     from test_secure import _blocks, small_problem
 
-    from mpc_rec.model import ModelState, TrainConfig, initial_parameters, train_epoch
+    from mpc_rec.model import ModelState, TrainConfig, data_gradients, initial_parameters, train_epoch
     from mpc_rec.mpc.privacy import noised_item_aggregates, private_training_data
     from mpc_rec.mpc.sharing import share_public, share_rows
 
@@ -84,7 +84,7 @@ def _received_during_private_step(session, rows, plan):
         seen["noisy"] = aggregates(error, state)
         return seen["noisy"]
 
-    train_epoch(state, data, config, capturing)
+    train_epoch(state, data, config, lambda s, d: data_gradients(s, d, capturing))
     return received
 
 

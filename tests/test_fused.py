@@ -86,3 +86,44 @@ def test_kept_mask_products_and_the_shared_error_triple(world_size):
         assert torch.equal(_reconstruct([r[0][index] for r in results]), mask * x)
     assert torch.equal(_reconstruct([r[1] for r in results]), e.matmul(right))
     assert torch.equal(_reconstruct([r[2] for r in results]), e.t().matmul(left))
+
+
+def _private_step_in_party(session, rows, config):
+    from test_secure import _blocks, small_problem
+
+    from mpc_rec.model import exact_item_aggregates
+    from mpc_rec.mpc.privacy import private_training_data
+    from mpc_rec.mpc.sharing import share_rows
+    from mpc_rec.mpc.training import train_secure
+
+    rank = session.endpoint.rank
+    ratings, mask = small_problem(sum(rows))
+    r = share_rows(_blocks(rank, rows, ratings), rows, rank)
+    m = share_rows(_blocks(rank, rows, mask), rows, rank, precision=0)
+    data = private_training_data(r, m, midpoint=3.0, item_weight=2.0, item_step=1.5)
+    # The exact aggregates in place of the noised ones: the DP branch of the fused step
+    # (E truncated to 2^16 for the hook, public item weights, public mean) made checkable.
+    state, _ = train_secure(data, config, item_aggregates=exact_item_aggregates)
+    return state.item_factors.get_plain_text().numpy(), state.item_bias.get_plain_text().numpy()
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_private_branch_of_the_fused_step_matches_plaintext(world_size):
+    import numpy as np
+    from test_secure import ROWS, small_problem
+
+    from mpc_rec.model import ModelState, TrainConfig, TrainingData, initial_parameters, train_epoch
+
+    rows = ROWS[:world_size]
+    config = TrainConfig(factors=3, epochs=6, learning_rate=0.01, seed=1)
+    results = run_parties(_private_step_in_party, world_size, rows, config)
+    ratings, mask = small_problem(sum(rows))
+    r, m = torch.as_tensor(ratings), torch.as_tensor(mask)
+    weights = torch.full((ratings.shape[1],), 2.0 * 1.5, dtype=torch.float64)
+    data = TrainingData(r, m, m.sum(1), weights, torch.tensor(3.0, dtype=torch.float64))
+    state = ModelState(*initial_parameters(sum(rows), ratings.shape[1], config))
+    for _ in range(config.epochs):
+        state = train_epoch(state, data, config)
+    for factors, bias in results:
+        np.testing.assert_allclose(factors, state.item_factors.numpy(), atol=2e-3)
+        np.testing.assert_allclose(bias, state.item_bias.numpy(), atol=2e-3)

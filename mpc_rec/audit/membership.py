@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from mpc_rec.audit.views import wilson
-from mpc_rec.model import ModelState, TrainConfig, TrainingData, exact_item_aggregates, initial_parameters, plaintext_data, train_epoch
+from mpc_rec.model import (
+    ModelState, TrainConfig, TrainingData, data_gradients, exact_item_aggregates, initial_parameters, plaintext_data,
+    train_epoch,
+)
 from mpc_rec.mpc.privacy import CLIP_SLACK
 
 
@@ -88,7 +92,7 @@ def release(world: tuple[np.ndarray, np.ndarray], mechanism: Mechanism, rng: np.
         hook = _noised_hook(mechanism, rng)
     state = ModelState(*initial_parameters(n_users, n_items, config))
     for _ in range(config.epochs):
-        state = train_epoch(state, data, config, hook)
+        state = train_epoch(state, data, config, partial(data_gradients, item_aggregates=hook))
     item_side = np.concatenate([state.item_factors.numpy().reshape(-1), state.item_bias.numpy()])
     scores = (state.user_factors @ state.item_factors.T + state.user_bias[:, None] + state.item_bias[None, :]).numpy()
     scores = np.where(mask[:-1] > 0, -np.inf, scores[:-1])

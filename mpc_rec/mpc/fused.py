@@ -235,13 +235,13 @@ class FusedStep:
             counts += [item_counts.unsqueeze(1).expand(-1, k), item_counts]
         flat = beaver("mul", torch.cat([c.flatten() for c in counted]), torch.cat([c.flatten() for c in counts]))
         weighted = [part.reshape(c.shape) for part, c in zip(flat.split([c.numel() for c in counted]), counted)]
-        if shared_items:
-            by_count = [weighted[0], weighted[2], weighted[1], weighted[3]]
-        else:
-            weights = _fixed(data.item_weights)
-            by_count = [weighted[0], params[1] * weights.unsqueeze(1), weighted[1], params[3] * weights]
         reg = _fixed(torch.tensor(config.regularization))
-        gradients = [(part << f) + reg * counted_part for part, counted_part in zip(parts, by_count)]
+        if shared_items:  # reg (2^16) times count-weighted parameters (2^16)
+            penalties = [reg * w for w in (weighted[0], weighted[2], weighted[1], weighted[3])]
+        else:  # public item weights: reg * w as one public constant (2^16) times the parameter
+            item_reg = _fixed(config.regularization * data.item_weights)
+            penalties = [reg * weighted[0], params[1] * item_reg.unsqueeze(1), reg * weighted[1], params[3] * item_reg]
+        gradients = [(part << f) + penalty for part, penalty in zip(parts, penalties)]
         if state.velocity:
             momentum = _fixed(torch.tensor(config.momentum))
             gradients = [momentum * _share(v) + g for v, g in zip(state.velocity, gradients)]
