@@ -237,7 +237,7 @@ def test_tls_run_equals_gloo_run(pilot):
 
 
 def _tls_deployment(tmp_path, *, epochs, timeout_s):
-    ratings = synthetic_ratings(n_users=30, n_items=12, density=0.35, seed=5)
+    ratings = synthetic_ratings(n_users=20, n_items=8, density=0.4, seed=5)
     train, test = split_train_test(ratings, seed=0)
     options = RunOptions(parties=2, train=TrainConfig(epochs=epochs, learning_rate=0.01), timeout_s=timeout_s,
                          top_k=2, privacy=None, transport="tls")

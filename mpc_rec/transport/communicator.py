@@ -195,7 +195,12 @@ class TlsCommunicator(Communicator):
 
     @_logging
     def recv_obj(self, src: int, group: Any = None) -> Any:
-        return self.mesh.receive(src, framing.OBJECT)
+        value = self.mesh.receive(src, framing.OBJECT)
+        # JSON has no tuples: a list of integers is a tensor size (the dealer's answers), and
+        # comes back as the torch.Size gloo would give, which CrypTen's byte counter sizes too.
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return torch.Size(value)
+        return value
 
     @_logging
     def broadcast_obj(self, obj: Any, src: int, group: Any = None) -> Any:
@@ -313,7 +318,7 @@ def _client_request(self: Any, func_name: str, device: Any, *args: Any, **kwargs
     comm.send_obj(message, dealer, comm.ttp_group)
     size = comm.recv_obj(dealer, comm.ttp_group)
     limit = comm.mesh.link(dealer).max_bytes // 8
-    if (not isinstance(size, list) or len(size) > framing.MAX_DIMS
+    if (not isinstance(size, torch.Size) or len(size) > framing.MAX_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in size)
             or math.prod(size) > limit):
         raise PeerError(f"the dealer announced an invalid result size {str(size)[:80]}")
