@@ -222,7 +222,18 @@ def _exact_job(session):
     product = a.matmul(b)
     positive = product > 10
     chosen = (product * positive).sum(dim=1)
-    return product.get_plain_text().tolist(), positive.get_plain_text().tolist(), chosen.get_plain_text().tolist(), session.traffic()
+    comm, rank = session.comm, session.comm.get_rank()
+    mine = torch.tensor([rank + 1, 10 * rank + 3], dtype=torch.long)
+    gathered = comm.gather(mine, 0)
+    summed = comm.reduce(mine, 1)
+    scattered = comm.scatter([mine * 0 + 5, mine * 0 + 7], 0)
+    xor = comm.all_reduce(mine, op=torch.distributed.ReduceOp.BXOR)
+    announced = comm.broadcast_obj({"run": "x", "sizes": [1, 2]} if rank == 0 else None, 0)
+    comm.barrier()
+    collectives = [[None if t is None else t.tolist() for t in gathered], None if summed is None else summed.tolist(),
+                   scattered.tolist(), xor.tolist(), announced]
+    return (product.get_plain_text().tolist(), positive.get_plain_text().tolist(), chosen.get_plain_text().tolist(),
+            collectives, session.traffic())
 
 
 def test_tls_run_equals_gloo_run(pilot):
@@ -233,6 +244,7 @@ def test_tls_run_equals_gloo_run(pilot):
     over_gloo = run_parties(_exact_job, 2)
     expected = (torch.arange(-6, 6).reshape(3, 4) @ (torch.arange(8).reshape(4, 2) * 3 - 5)).tolist()
     assert over_tls[0][0] == expected
+    assert over_tls[0][3][0] == [[1, 3], [2, 13]] and over_tls[1][3][1] == [3, 16] and over_tls[1][3][2] == [7, 7]
     assert over_tls == over_gloo  # outputs at both parties, and the bytes and rounds CrypTen counts
 
 
