@@ -21,6 +21,7 @@ from mpc_rec.errors import PeerError
 MAGIC = b"MPCR"
 VERSION = 1
 MAX_DIMS = 8
+MAX_DIM = 1 << 40  # any single dimension; the byte limit below binds first in practice
 MAX_OBJECT_BYTES = 1 << 20  # JSON control messages are small; tensors carry the bulk
 _HEADER = struct.Struct(f"<4sBBBBQ{MAX_DIMS}Q")
 HEADER_BYTES = _HEADER.size
@@ -70,6 +71,8 @@ def decode_header(raw: bytes | bytearray | memoryview, *, sender: str, max_bytes
         if ndim > MAX_DIMS or any(dims[ndim:]):
             raise PeerError(f"{sender} sent a malformed tensor shape")
         shape = tuple(dims[:ndim])
+        if any(d > MAX_DIM for d in shape):
+            raise PeerError(f"{sender} sent a tensor dimension over {MAX_DIM}")
         dtype = DTYPES[code]
         expected = math.prod(shape) * dtype.itemsize
         if expected > max_bytes:

@@ -26,6 +26,7 @@ from mpc_rec.transport.settings import PeerAddress, TlsSettings, certificate_nam
 
 _CHUNK = 1 << 20  # bytes handed to one SSL write; keeps reading and writing interleaved
 _SMALL = 1 << 16  # messages up to this size go out as one buffer (one TLS record, one syscall)
+_MAX_WAITING = 100_000  # messages received but not yet asked for, per peer
 
 
 class Link:
@@ -36,6 +37,7 @@ class Link:
         self.peer = peer
         self.max_bytes = max_bytes
         self.inbox: collections.deque[tuple[framing.Header, Any]] = collections.deque()
+        self.inbox_bytes = 0
         self.outbox: collections.deque[memoryview] = collections.deque()
         self.closed: str | None = None  # why the connection ended, once it has
         self.said_goodbye = False
@@ -120,6 +122,10 @@ class Link:
             self.said_goodbye = True
         else:
             self.inbox.append((header, body))
+            self.inbox_bytes += header.length
+            # A protocol step leaves a few messages waiting at most; a flood is hostile.
+            if self.inbox_bytes > 2 * self.max_bytes or len(self.inbox) > _MAX_WAITING:
+                raise PeerError(f"{self.name} sent more unrequested data than any protocol step needs")
         self._current, self._body, self._view, self._got = None, None, memoryview(self._header), 0
 
 
@@ -167,6 +173,7 @@ class Mesh:
 
         self.pump(arrived, link)
         header, body = link.inbox.popleft()
+        link.inbox_bytes -= header.length
         if header.kind != kind:
             raise PeerError(f"{link.name} sent a {framing.KIND_NAMES[header.kind]} where a "
                             f"{framing.KIND_NAMES[kind]} was expected")
