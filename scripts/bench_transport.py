@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,13 +39,18 @@ def _run(data: Path, transport: str, args: argparse.Namespace, out: Path) -> dic
     command = [sys.executable, "-m", "mpc_rec", "run", "--data", str(data), "--parties", str(args.parties),
                "--epochs", str(args.epochs), "--factors", str(args.factors), "--top-k", "0", "--no-dp",
                "--out", str(out), "--timeout", "300", "--no-progress", "--transport", transport]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(command, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.exit(f"bench_transport: {transport} run failed: {done.stderr.strip()}")
     summary = json.loads((out / "summary.json").read_text())
     return {"secure_epoch_s": summary["timing"]["secure_epoch_s"],
             "bytes_per_party_per_epoch": [int(p["training_bytes_per_epoch"]) for p in summary["parties"]],
-            "rmse_secure": summary["metrics"]["rmse_secure"]}
+            "rmse_secure": summary["metrics"]["rmse_secure"],
+            # CPU seconds of the whole run (all processes, set-up and evaluation included):
+            # less sensitive than wall time to other load on a shared machine.
+            "cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)}
 
 
 def main() -> None:
@@ -68,6 +74,7 @@ def main() -> None:
                 result = _run(data, transport, args, scratch / f"{transport}-{repeat}")
                 runs[transport].append(result)
                 print(f"{transport} run {repeat + 1}: {result['secure_epoch_s']:.3f} s per secure epoch, "
+                      f"{result['cpu_s']:.1f} CPU s for the whole run, "
                       f"bytes/party/epoch {result['bytes_per_party_per_epoch']}", flush=True)
     median = {t: statistics.median(r["secure_epoch_s"] for r in runs[t]) for t in runs}
     figures = {
@@ -77,6 +84,9 @@ def main() -> None:
         "tls_over_gloo": round(median["tls"] / median["gloo"], 3),
         "bytes_per_party_per_epoch": {t: runs[t][0]["bytes_per_party_per_epoch"] for t in runs},
         "epoch_s_each_run": {t: [round(r["secure_epoch_s"], 4) for r in runs[t]] for t in runs},
+        "run_cpu_s_each_run": {t: [round(r["cpu_s"], 1) for r in runs[t]] for t in runs},
+        "tls_over_gloo_run_cpu": round(statistics.median(r["cpu_s"] for r in runs["tls"])
+                                       / statistics.median(r["cpu_s"] for r in runs["gloo"]), 3),
         "target_tls_over_gloo": 1.3,
     }
     print(f"median secure epoch: gloo {median['gloo']:.3f} s, tls {median['tls']:.3f} s, "

@@ -369,3 +369,16 @@ def test_certs_command_writes_private_keys_0600(tmp_path):
                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert bad.returncode == 2 and "not a valid party name" in bad.stderr
 
+
+
+def test_pilot_templates_describe_one_consistent_deployment():
+    from mpc_rec.config import load_party_config
+
+    configs = [load_party_config(path) for path in sorted((REPO / "parties" / "pilot").glob("*.toml"))]
+    assert sorted(c.name for c in configs) == ["dealer", "org-a", "org-b", "org-c"]
+    tables = {c.endpoint.tls.peers for c in configs}
+    assert len(tables) == 1  # every organisation lists the same peers
+    for config in configs:
+        assert config.endpoint.tls.peer(config.endpoint.rank).name == config.name
+        assert config.role == ("dealer" if config.endpoint.is_dealer else "compute")
+        assert config.endpoint.tls.cert.name == f"{config.name}.pem"

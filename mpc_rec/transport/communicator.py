@@ -35,16 +35,16 @@ _pending: dict[str, Any] = {}  # CrypTen passes only rank and world size to init
 
 
 def _combine(op: Any, values: list[torch.Tensor]) -> torch.Tensor:
-    """Reduce in rank order, so every party computes bit-identical results."""
+    """Reduce in rank order, so every party computes bit-identical results (floats too)."""
     if op == ReduceOp.SUM:
-        combine = torch.add
+        combine = torch.Tensor.add_
     elif op == ReduceOp.BXOR:
-        combine = torch.bitwise_xor
+        combine = torch.Tensor.bitwise_xor_
     else:
         raise ValueError(f"reduce operation {op} is not supported by the TLS transport")
-    result = values[0].clone()
+    result = values[0].clone()  # in place from here: no new tensor per term
     for value in values[1:]:
-        result = combine(result, value)
+        combine(result, value)
     return result
 
 
