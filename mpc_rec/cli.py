@@ -52,6 +52,10 @@ def main() -> None:
 @click.option("--budget-epsilon", type=click.FloatRange(0, min_open=True), default=50.0, show_default=True, help="Total epsilon per data set when a new ledger is created.")
 @click.option("--progress/--no-progress", default=None, help="Progress line on stderr. [default: when stderr is a terminal]")
 @click.option("--transport", type=click.Choice(["gloo", "tls"]), default="gloo", show_default=True, help="gloo: plain TCP (loopback or a trusted network); tls: mutually authenticated TLS 1.3 with a throw-away pilot CA.")
+@click.option("--release", type=click.Choice(["exact", "threshold"]), default="exact", show_default=True, help="What each user is shown: the exact top-k, or a threshold-policy draw that is epsilon-DP w.r.t. the user's ranking (protocols/release.md).")
+@click.option("--release-epsilon", type=click.FloatRange(0, min_open=True), default=None, help="Epsilon of one threshold release (required with --release threshold).")
+@click.option("--release-budget", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True, help="Total release epsilon per user, over all runs sharing --ledger-dir; then the last release is shown again.")
+@click.option("--release-users", type=click.Path(dir_okay=False, path_type=Path), default=None, help="CSV 'user,epsilon': users who chose a stronger (smaller) release epsilon than the run's.")
 def run(**options: Any) -> None:
     """Run a complete local multi-party job: train, score, evaluate, summarise.
 
@@ -121,3 +125,21 @@ def certs(out: Path, parties: str, days: int) -> None:
     click.echo(f"pilot CA: {written.pop('ca')}")
     for name, path in written.items():
         click.echo(f"{name}: {path} (key {path.with_suffix('.key')}), fingerprint {certificate_fingerprint(path)}")
+
+
+@main.command(epilog=EXIT_CODES)
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--sweep", type=click.Path(dir_okay=False, path_type=Path), default=None, help="sweep.json of scripts/dp_sweep.py. [default: RUN_DIR/sweep.json or beside RUN_DIR]")
+@click.option("--serve", is_flag=True, help="Also serve the page on 127.0.0.1 until interrupted.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port for --serve (0: any free port).")
+def dashboard(run_dir: Path, sweep: Path | None, serve: bool, port: int) -> None:
+    """Write RUN_DIR/dashboard.html: one self-contained page about a finished run."""
+    from mpc_rec.dashboard import serve_page, write_dashboard
+
+    try:
+        page = write_dashboard(run_dir, sweep)
+        click.echo(f"dashboard: {page}")
+        if serve:
+            serve_page(page, port, announce=lambda url: click.echo(f"serving {url} (localhost only; Ctrl-C to stop)"))
+    except MpcRecError as exc:
+        _fail(exc)

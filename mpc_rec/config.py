@@ -15,6 +15,7 @@ from typing import Any
 from mpc_rec.errors import ConfigError
 from mpc_rec.model import TrainConfig
 from mpc_rec.mpc.session import Endpoint
+from mpc_rec.release import ReleaseConfig
 from mpc_rec.transport.settings import parse_tls
 
 ROLES = ("compute", "dealer")
@@ -32,6 +33,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "clip_eval": (int, float), "item_weight": (int, float), "item_step": (int, float), "dataset": str, "run_id": str,
         "timestamp": str, "ledger": str, "budget_epsilon": (int, float), "budget_delta": float,
     },
+    "release": {"policy": str, "epsilon": (int, float), "budget": (int, float), "ledger": str, "users": str,
+                "run_id": str, "timestamp": str},
 }
 _PRIVACY_REQUIRED = ("epsilon", "dataset", "run_id", "timestamp", "ledger")
 _REQUIRED = {
@@ -85,6 +88,7 @@ class PartyConfig:
     output_dir: Path | None
     top_k: int
     privacy: PrivacyConfig | None = None
+    release: ReleaseConfig = ReleaseConfig()
 
 
 def load_party_config(path: str | os.PathLike[str]) -> PartyConfig:
@@ -158,8 +162,13 @@ def parse_party_config(raw: dict[str, Any], *, base: Path) -> PartyConfig:
         privacy = PrivacyConfig(**settings)
         if not 1 <= privacy.trusted_parties <= endpoint.world_size:
             raise ConfigError(f"privacy.trusted_parties must be in 1..{endpoint.world_size}, got {privacy.trusted_parties}")
+    release = dict(section("release"))
+    for key in ("ledger", "users"):
+        if key in release:
+            release[key] = resolve(release[key])
     return PartyConfig(
         privacy=privacy,
+        release=ReleaseConfig(**release),
         name=section("party").get("name", f"rank{endpoint.rank}"),
         role=role,
         endpoint=endpoint,

@@ -34,6 +34,7 @@ from mpc_rec.files import write_text_atomic
 from mpc_rec.model import TrainConfig
 from mpc_rec.progress import ProgressLine
 from mpc_rec.reference import run_reference
+from mpc_rec.release import default_epsilon, ledger_path_for, read_user_levels, write_user_levels
 
 SECURITY_NOTES = {
     "ttp": "semi-honest parties; Beaver triples from a separate dealer process that must not collude with any party",
@@ -60,6 +61,7 @@ class RunOptions:
     privacy: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_PRIVACY))
     ledger_dir: Path = Path("mpc-rec-ledger")
     transport: str = "gloo"
+    release: dict[str, Any] = field(default_factory=lambda: {"policy": "exact"})
 
     @classmethod
     def from_cli(cls, options: dict[str, Any]) -> "RunOptions":
@@ -83,6 +85,7 @@ class RunOptions:
             dealer="insecure-tfp" if options["insecure_tfp_dealer"] else "ttp",
             progress=options["progress"], privacy=privacy, ledger_dir=options["ledger_dir"],
             transport=options.get("transport", "gloo"),
+            release=release_options(options),
         )
 
     def reproducible(self, data_digest: str) -> dict[str, Any]:
@@ -91,7 +94,22 @@ class RunOptions:
                          data_sha256=data_digest, out=str(self.out), train=self.train.to_dict())
         described.pop("progress")
         described["ledger_dir"] = str(self.ledger_dir)
+        described["release"] = {k: str(v) if isinstance(v, Path) else v for k, v in self.release.items()}
         return described
+
+
+def release_options(options: dict[str, Any]) -> dict[str, Any]:
+    """--release, --release-epsilon, --release-budget, --release-users as [release] settings."""
+    release = {"policy": options.get("release") or "exact", "budget": options.get("release_budget") or 10.0}
+    if options.get("release_epsilon") is not None:
+        if release["policy"] != "threshold":
+            raise ConfigError("--release-epsilon applies to --release threshold only")
+        release["epsilon"] = options["release_epsilon"]
+    elif release["policy"] == "threshold":
+        raise ConfigError("--release threshold needs --release-epsilon")
+    if options.get("release_users") is not None:
+        release["users"] = options["release_users"]
+    return release
 
 
 def _load(options: RunOptions) -> tuple[Ratings, str]:
@@ -162,6 +180,7 @@ def write_deployment(options, workdir, staging, train, test, blocks, catalogue, 
     with_tls = lambda name: {"tls": tls[name], "peer": peers} if peers else {}  # noqa: E731
     run_id, timestamp = uuid.uuid4().hex, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     parties, user_blocks = [], []
+    levels = _release_levels(options, {u for block in blocks for u in block.user_ids()})
     for rank, block in enumerate(blocks):
         name = f"party-{rank}"
         users = set(block.users)
@@ -184,6 +203,8 @@ def write_deployment(options, workdir, staging, train, test, blocks, catalogue, 
                 **options.privacy, "dataset": dataset, "run_id": run_id, "timestamp": timestamp,
                 "ledger": str((options.ledger_dir / f"{name}.json").resolve()),
             }
+        document["release"] = _release_section(options, levels, users, workdir / f"{name}-release-users.csv",
+                                               ledger_path_for(options.ledger_dir, name), run_id, timestamp)
         path = workdir / f"{name}.toml"
         write_text_atomic(path, dump_toml(document))
         parties.append(_Party(name, rank, path, options.out / name, staging / name))
@@ -194,6 +215,25 @@ def write_deployment(options, workdir, staging, train, test, blocks, catalogue, 
         write_text_atomic(path, dump_toml(document))
         parties.append(_Party("dealer", options.parties, path, None))
     return parties, user_blocks
+
+
+def _release_levels(options: RunOptions, all_users: set[str]) -> dict[str, float] | None:
+    """The per-user file, checked against every user of the data before anything starts."""
+    users_file = options.release.get("users")
+    if users_file is None:
+        return None
+    default = default_epsilon(options.release["policy"], options.release.get("epsilon"))
+    return read_user_levels(Path(users_file), default, all_users)
+
+
+def _release_section(options, levels, users, users_path, ledger, run_id, timestamp) -> dict[str, Any]:
+    section = {k: v for k, v in options.release.items() if k != "users"}
+    if levels is not None:  # each holder gets only its own users' choices
+        write_user_levels(users_path, {u: e for u, e in levels.items() if u in users})
+        section["users"] = str(users_path)
+    if section["policy"] == "threshold" or levels is not None:
+        section.update(ledger=str(ledger), run_id=run_id, timestamp=timestamp)
+    return section
 
 
 def _read_party_summary(party: _Party) -> dict[str, Any]:
@@ -321,6 +361,41 @@ def _summarise(options, digest, ratings, train, test, user_blocks, parties, resu
             for r in results
         ],
         "traffic_counted_by": rank0["traffic"]["counted_by"],
+        "release": _release_summary(results),
+        "budget": _budget_summary(options, parties, rank0["privacy"]),
+    }
+
+
+def _budget_summary(options: RunOptions, parties: list[_Party], privacy: dict[str, Any]) -> dict[str, Any] | None:
+    """Each party's ledger after this run: total, spent and left for this run's data set."""
+    if privacy["mode"] != "dp":
+        return None
+    from mpc_rec.dp.ledger import load_ledger
+
+    dataset, ledgers = privacy["dataset"], {}
+    for party in parties:
+        if party.output is None:
+            continue
+        ledger = load_ledger(options.ledger_dir / f"{party.name}.json")
+        spent, left = ledger.spent(dataset), ledger.remaining(dataset)
+        ledgers[party.name] = {"total_epsilon": ledger.total.epsilon, "spent_epsilon": spent.epsilon,
+                               "left_epsilon": left.epsilon, "total_delta": ledger.total.delta,
+                               "spent_delta": spent.delta, "left_delta": left.delta,
+                               "runs": len(ledger.datasets.get(dataset, ())), "digest": ledger.digest()}
+    return {"dataset": dataset, "composition": "basic (runs on one data set add up)", "ledgers": ledgers}
+
+
+def _release_summary(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Run-level view of the release policy: counts per party; per-user detail stays in party.json."""
+    records = [(r["name"], r.get("release")) for r in results]
+    if all(record is None for _, record in records):
+        return None
+    first = next(record for _, record in records if record is not None)
+    return {
+        "policy": first["policy"], "epsilon": first["epsilon"], "budget_per_user": first["budget_per_user"],
+        "composition": first["composition"], "mechanism": first["mechanism"],
+        "parties": {name: {"releases": record["releases"], "per_user_overrides": record["per_user_overrides"]}
+                    for name, record in records if record is not None},
     }
 
 

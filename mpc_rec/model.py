@@ -102,28 +102,44 @@ def exact_item_aggregates(error: Any, state: ModelState) -> tuple[Any, Any]:
     return error.t().matmul(state.user_factors), error.sum(0)
 
 
+DataGradients = Callable[[ModelState, TrainingData], tuple[Any, Any, Any, Any]]
+
+
+def data_gradients(
+    state: ModelState,
+    data: TrainingData,
+    item_aggregates: Callable[[Any, ModelState], tuple[Any, Any]] = exact_item_aggregates,
+) -> tuple[Any, Any, Any, Any]:
+    """The data parts of the four gradients: E Q, the item sums, E 1, from E = M*pred - R.
+
+    ``item_aggregates`` computes the sums over users that the item side needs; the
+    differentially private run passes one that clips and adds noise. The secure run
+    computes the same four quantities with fused openings (``mpc.fused``).
+    """
+    error = data.mask * predictions(state, data.mean) - data.ratings  # 0 where unobserved
+    item_factor_sum, item_bias_sum = item_aggregates(error, state)
+    return error.matmul(state.item_factors), item_factor_sum, error.sum(1), item_bias_sum
+
+
 def train_epoch(
     state: ModelState,
     data: TrainingData,
     config: TrainConfig,
-    item_aggregates: Callable[[Any, ModelState], tuple[Any, Any]] = exact_item_aggregates,
+    gradients_of_data: DataGradients = data_gradients,
 ) -> ModelState:
     """One full-batch momentum step. Works on torch tensors and on MPCTensors alike.
 
-    ``item_aggregates`` computes the sums over users that the item side needs; the
-    differentially private run passes one that clips and adds noise. Counts multiply
-    parameters before the public regularization constant, so that in fixed point an
-    integer-encoded count times a fixed-point value needs no truncation.
+    Counts multiply parameters before the public regularization constant, so that in
+    fixed point an integer-encoded count times a fixed-point value needs no truncation.
     """
-    error = data.mask * predictions(state, data.mean) - data.ratings  # 0 where unobserved
+    user_part, item_part, user_sum, item_sum = gradients_of_data(state, data)
     reg = config.regularization
-    item_factor_sum, item_bias_sum = item_aggregates(error, state)
     users, items = data.user_counts.unsqueeze(1), data.item_weights.unsqueeze(1)
     gradients = [
-        error.matmul(state.item_factors) + (state.user_factors * users) * reg,
-        item_factor_sum + (state.item_factors * items) * reg,
-        error.sum(1) + (state.user_bias * data.user_counts) * reg,
-        item_bias_sum + (state.item_bias * data.item_weights) * reg,
+        user_part + (state.user_factors * users) * reg,
+        item_part + (state.item_factors * items) * reg,
+        user_sum + (state.user_bias * data.user_counts) * reg,
+        item_sum + (state.item_bias * data.item_weights) * reg,
     ]
     if state.velocity:
         velocity = [v * config.momentum + g for v, g in zip(state.velocity, gradients)]

@@ -21,6 +21,7 @@ from mpc_rec.mpc.scoring import secure_mse, secure_top_k
 from mpc_rec.mpc.session import Session, serve_dealer
 from mpc_rec.mpc.sharing import agree, share_rows
 from mpc_rec.mpc.training import shared_training_data, train_secure
+from mpc_rec.release import check_user_levels
 
 PROTOCOL_VERSION = 2
 NO_DP_REASON = "no-dp run: exact value, for benchmarking only"
@@ -35,12 +36,13 @@ def run_party(config: PartyConfig, report: Reporter = lambda event: None) -> dic
     catalogue = read_catalogue(config.catalogue_path)  # public
     plan, ledger_digest = _reserve_budget(config, len(catalogue))  # before any private data is read
     local = _load_local_data(config, catalogue)
+    check_user_levels(config.release, local["users"])  # a bad per-user file fails before any MPC work
     try:
         result = _run_protocols(config, local, plan, ledger_digest, report)
     except RuntimeError as exc:  # torch.distributed reports lost or silent peers this way
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeerError(f"party '{config.name}' lost contact with the others: {detail}") from None
-    _write_outputs(config, local["users"], catalogue, local["rated"], result)
+    _write_outputs(config, local, result)
     return result
 
 
@@ -201,14 +203,30 @@ def _privacy_record(config: PartyConfig, plan: Any, ledger: str | None) -> dict[
     }
 
 
-def _write_outputs(config: PartyConfig, users: list[str], catalogue: list[str], rated: np.ndarray, result: dict[str, Any]) -> None:
-    """Recommendations first, then the summary: a summary on disk means a complete output."""
-    lines = ["user,rank,item"]
-    for row, user in enumerate(users):
+def _write_outputs(config: PartyConfig, local: dict[str, Any], result: dict[str, Any]) -> None:
+    """Recommendations first, then the summary: a summary on disk means a complete output.
+
+    The release policy (mpc_rec.release) turns each user's revealed top-k into the list
+    the user is shown; explanations are computed here, from this party's own data only.
+    """
+    from mpc_rec.explain import explain
+    from mpc_rec.release import release_lists
+
+    users, catalogue, rated = local["users"], local["catalogue"], local["rated"]
+    ranked, unrated = [], []
+    for row in range(len(users)):
         # Only a user who rated nearly every item can get a rated item back; drop it here.
-        fresh = [i for i in result["top_indices"][row] if 0 <= i < len(catalogue) and rated[row, i] == 0]
-        lines += [f"{user},{place},{catalogue[i]}" for place, i in enumerate(fresh, start=1)]
+        ranked.append([catalogue[i] for i in result["top_indices"][row] if 0 <= i < len(catalogue) and rated[row, i] == 0])
+        unrated.append([catalogue[i] for i in np.flatnonzero(rated[row] == 0)])
+    shown, record = release_lists(config.release, users, ranked, unrated, top_k=config.top_k) if config.top_k else (ranked, None)
+    lines = ["user,rank,item"]
+    for user, items in zip(users, shown):
+        lines += [f"{user},{place},{item}" for place, item in enumerate(items, start=1)]
     config.output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(config.output_dir / "recommendations.csv", "\n".join(lines) + "\n")
+    if config.top_k:
+        explained = explain(users, catalogue, local["ratings"], rated, shown)
+        write_text_atomic(config.output_dir / "explanations.json", json.dumps(explained, indent=1) + "\n")
     summary = {k: v for k, v in result.items() if k != "top_indices"}
+    summary["release"] = record
     write_text_atomic(config.output_dir / "party.json", json.dumps(summary, indent=2) + "\n")

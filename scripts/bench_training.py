@@ -38,36 +38,42 @@ def main() -> None:
     figures = {"data": str(args.data), "epochs": args.epochs, "factors": args.factors, "dealer": args.dealer,
                "dp_epsilon": args.dp_epsilon, "runs": {}}
     for parties in args.parties:
-        with tempfile.TemporaryDirectory() as out:
-            command = [sys.executable, "-m", "mpc_rec", "run", "--data", str(args.data), "--parties", str(parties),
-                       "--epochs", str(args.epochs), "--factors", str(args.factors), "--top-k", "0",
-                       "--out", out, "--timeout", "120", "--no-progress"]
-            if args.dealer == "insecure-tfp":
-                command.append("--insecure-tfp-dealer")
-            if args.dp_epsilon is None:
-                command.append("--no-dp")
-            else:
-                command += ["--epsilon", str(args.dp_epsilon), "--ledger-dir", str(Path(out) / "ledger")]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"bench_training: {parties}-party run failed: {done.stderr.strip()}")
-            summary = json.loads((Path(out) / "summary.json").read_text())
-        timing = summary["timing"]
-        run = {
-            "secure_epoch_s": round(timing["secure_epoch_s"], 4),
-            "plaintext_epoch_s": round(timing["plaintext_epoch_s"], 5),
-            "ratio": round(timing["secure_over_plaintext"], 1),
-            "bytes_per_party_per_epoch": [int(p["training_bytes_per_epoch"]) for p in summary["parties"]],
-            "rounds_per_epoch": [p["training_rounds_per_epoch"] for p in summary["parties"]],
-            "peak_memory_mb_per_party": [round(p["peak_memory_mb"], 1) for p in summary["parties"]],
-            "rmse_secure": round(summary["metrics"]["rmse_secure"], 4),
-            "rmse_plaintext": round(summary["metrics"]["rmse_plaintext"], 4),
-        }
+        run = measure(args.data, parties, args.epochs, args.factors, args.dealer, args.dp_epsilon)
         figures["runs"][f"{parties}_parties"] = run
         print(f"{parties} parties: secure epoch {run['secure_epoch_s']:.3f} s, plaintext {run['plaintext_epoch_s']:.4f} s, "
               f"ratio {run['ratio']}x; bytes/party/epoch {run['bytes_per_party_per_epoch']}; "
               f"peak MB/party {run['peak_memory_mb_per_party']}", flush=True)
     print(json.dumps(figures))
+
+
+def measure(data: Path, parties: int, epochs: int, factors: int = 16, dealer: str = "ttp",
+            dp_epsilon: float | None = None) -> dict:
+    """One `mpc-rec run` without scoring; the figures of its summary."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "mpc_rec", "run", "--data", str(data), "--parties", str(parties),
+                   "--epochs", str(epochs), "--factors", str(factors), "--top-k", "0",
+                   "--out", out, "--timeout", "300", "--no-progress"]
+        if dealer == "insecure-tfp":
+            command.append("--insecure-tfp-dealer")
+        if dp_epsilon is None:
+            command.append("--no-dp")
+        else:
+            command += ["--epsilon", str(dp_epsilon), "--ledger-dir", str(Path(out) / "ledger")]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"bench: {parties}-party run on {data} failed: {done.stderr.strip()}")
+        summary = json.loads((Path(out) / "summary.json").read_text())
+    timing = summary["timing"]
+    return {
+        "secure_epoch_s": round(timing["secure_epoch_s"], 4),
+        "plaintext_epoch_s": round(timing["plaintext_epoch_s"], 5),
+        "ratio": round(timing["secure_over_plaintext"], 1),
+        "bytes_per_party_per_epoch": [int(p["training_bytes_per_epoch"]) for p in summary["parties"]],
+        "rounds_per_epoch": [p["training_rounds_per_epoch"] for p in summary["parties"]],
+        "peak_memory_mb_per_party": [round(p["peak_memory_mb"], 1) for p in summary["parties"]],
+        "rmse_secure": round(summary["metrics"]["rmse_secure"], 4),
+        "rmse_plaintext": round(summary["metrics"]["rmse_plaintext"], 4),
+    }
 
 
 if __name__ == "__main__":

@@ -11,4 +11,11 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" --no-deps crypten==0.4.1
 "${pip[@]}" -e ".[test,report]"
 .venv/bin/python -c "import mpc_rec.compat as c; c.import_crypten()" >/dev/null
+# Headless Chromium for the dashboard test (Debian's package); skipped where it is
+# present already or where apt-get is not available (the test then skips, saying why).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    sudo_cmd=(); [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo_cmd=(sudo -n)
+    { "${sudo_cmd[@]}" apt-get update -qq && "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+        || echo "setup: could not install chromium; the dashboard browser test will be skipped" >&2
+fi
 echo "mpc-rec environment ready in .venv" >&2

@@ -192,6 +192,21 @@ def test_dealer_serves_only_listed_functions_with_bounded_sizes():
             checked_request(message, functions, 1000, "party-0")
 
 
+def test_dealer_serves_the_requests_its_class_adds():
+    from mpc_rec.compat import import_crypten
+    from mpc_rec.mpc.dealer import make_server_class
+    from mpc_rec.transport.dealer import served_functions
+
+    import_crypten()
+    served = served_functions(make_server_class())
+    assert {"additive", "square", "B2A", "mf_truncation", "mf_error_triple"} <= set(served)
+    assert not any(name.startswith("_") for name in served)
+    request = {"function": "mf_truncation", "device": None, "args": [[[10, 16], [5, 20]]], "kwargs": {}}
+    assert checked_request(request, served, 1000, "party-0")[1] == [[[10, 16], [5, 20]]]
+    with pytest.raises(PeerError, match="malformed list"):
+        checked_request({**request, "args": [[[10, "x"]]]}, served, 1000, "party-0")
+
+
 def test_tls_configuration_is_checked(pilot, tmp_path):
     base = {"party": {"name": "party-0", "rank": 0, "world_size": 2}, "network": {"transport": "tls"},
             "tls": {"ca": "ca.pem", "cert": "party-0.pem", "key": "party-0.key"},

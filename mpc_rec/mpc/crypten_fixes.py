@@ -3,6 +3,11 @@
 - TTP triples: every party but rank 0 used to *compute* the whole product of its two
   random masks only to learn the product's shape (an int64 matmul of n x K by K x I
   per Beaver matmul, discarded). The shape is now inferred on torch's "meta" device.
+- Truncation for three or more parties: CrypTen's wrap count assumes x + r does not wrap
+  (wrong with probability ~|x| 2^-64 per element, then off by 2^48) and does a wrap count
+  over every share. Division by a power of two now uses ``fused.truncate`` (one opening,
+  exact to one unit for |x| < 2^62) when the TTP dealer is present; other divisors keep
+  CrypTen's protocol. Two parties keep CrypTen's local share division (no opening).
 """
 
 from __future__ import annotations
@@ -28,7 +33,25 @@ def _additive_triple(self: Any, size0: Any, size1: Any, op: str, device: Any = N
     return tuple(ArithmeticSharedTensor.from_shares(x, precision=0) for x in (a, b, c))
 
 
+def _truncate_with_dealer(original: Any) -> Any:
+    def truncate(x: Any, y: Any) -> Any:
+        from crypten.config import cfg
+
+        if cfg.mpc.provider == "TTP" and isinstance(y, int) and y > 1 and y & (y - 1) == 0:
+            from mpc_rec.mpc.fused import truncate as exact_truncate
+
+            (x.share,) = exact_truncate([x.share], y.bit_length() - 1)
+            return x
+        return original(x, y)
+
+    truncate.mpc_rec_patched = True  # type: ignore[attr-defined]
+    return truncate
+
+
 def install() -> None:
+    from crypten.mpc.primitives import beaver
     from crypten.mpc.provider.ttp_provider import TrustedThirdParty
 
     TrustedThirdParty.generate_additive_triple = _additive_triple
+    if not getattr(beaver.truncate, "mpc_rec_patched", False):
+        beaver.truncate = _truncate_with_dealer(beaver.truncate)

@@ -104,21 +104,22 @@ class Session:
 
 
 def serve_dealer(endpoint: Endpoint) -> None:
-    """Run CrypTen's trusted dealer (TTPServer) until rank 0 ends the run."""
+    """Run the trusted dealer (CrypTen's TTPServer plus mpc.dealer's requests) until rank 0 ends the run."""
     if not endpoint.is_dealer:
         raise ConfigError("serve_dealer needs the dealer rank (rank == world_size, dealer ttp)")
     crypten = _configure(endpoint)
+    from mpc_rec.mpc.dealer import make_server_class
+
     if endpoint.tls is not None:
         from mpc_rec.transport import dealer
 
         crypten.init()
-        dealer.serve()
+        dealer.serve(make_server_class())
         crypten.uninit()
         return
     import torch
-    from crypten.mpc.provider import TTPServer
 
     # TTPServer draws the seeds it shares with each party from torch's global generator,
     # which starts from a fixed default seed in every new process: reseed it from the OS.
     torch.manual_seed(secrets.randbits(63))
-    TTPServer()
+    make_server_class()()

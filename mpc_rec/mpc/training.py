@@ -1,4 +1,4 @@
-"""Secure training: the shared model is trained on shares by ``model.train_epoch``."""
+"""Secure training: ``model.train_epoch`` on shares, its data part fused (``mpc.fused``)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from typing import Any, Callable
 
 import torch
 
+from mpc_rec.compat import import_crypten
 from mpc_rec.model import (
-    ModelState, TrainConfig, TrainingData, exact_item_aggregates, initial_parameters, train_epoch,
+    ModelState, TrainConfig, TrainingData, data_gradients, exact_item_aggregates, initial_parameters, train_epoch,
 )
+from mpc_rec.mpc.fused import FusedStep
 from mpc_rec.mpc.sharing import share_public
 
 
@@ -55,13 +57,25 @@ def train_secure(
     on_epoch: Callable[[int, float], None] | None = None,
     item_aggregates: Callable | None = None,
 ) -> tuple[ModelState, list[float]]:
-    """Train from the public initialisation; returns the shared model and epoch times."""
+    """Train from the public initialisation; returns the shared model and epoch times.
+
+    ``item_aggregates`` replaces the exact item-side sums (the differentially private run
+    passes one that clips and adds noise). The fused step needs the TTP dealer's requests
+    (``mpc.dealer``); the INSECURE TFP benchmark mode has no dealer process and runs the
+    same step on CrypTen's generic operators.
+    """
     n_users, n_items = data.ratings.size()
     state = ModelState(*[share_public(p) for p in initial_parameters(n_users, n_items, config)])
+    if import_crypten().cfg.mpc.provider == "TTP":
+        step = FusedStep(data)
+        next_state = lambda s: step.epoch(s, config, item_aggregates)  # noqa: E731
+    else:
+        gradients = lambda s, d: data_gradients(s, d, item_aggregates or exact_item_aggregates)  # noqa: E731
+        next_state = lambda s: train_epoch(s, data, config, gradients)  # noqa: E731
     epoch_seconds = []
     for epoch in range(config.epochs):
         started = time.perf_counter()
-        state = train_epoch(state, data, config, item_aggregates or exact_item_aggregates)
+        state = next_state(state)
         epoch_seconds.append(time.perf_counter() - started)
         if on_epoch is not None:
             on_epoch(epoch + 1, epoch_seconds[-1])

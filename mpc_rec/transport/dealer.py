@@ -1,11 +1,13 @@
-"""CrypTen's TTP dealer over the TLS transport.
+"""The TTP dealer over the TLS transport.
 
 CrypTen's ``TTPServer`` talks to torch.distributed directly and runs whatever function
-name party 0 sends (``getattr(self, function)``). Here the same tuple arithmetic
-(TTPServer's own methods) is served over the TLS communicator, and a request is checked
-first: the function must be one CrypTen lists in ``TTP_FUNCTIONS`` (new dealer requests
-are served once added there), arguments may only be sizes, small integers and the names
-of torch's product operations, and every size is bounded before anything is allocated.
+name party 0 sends (``getattr(self, function)``). Here the same dealer class (CrypTen's
+tuple arithmetic plus mpc-rec's own requests, ``mpc_rec.mpc.dealer``) is served over the
+TLS communicator, and a request is checked first: the function must be one CrypTen lists
+in ``TTP_FUNCTIONS`` or a public method the dealer class itself defines (so new dealer
+requests are served without touching this module); arguments may only be integers,
+lists of them (sizes, segments), and the names of torch's product operations; every
+flat list of integers is bounded as a size before anything is allocated.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mpc_rec.transport.communicator import TlsCommunicator
 
 PRODUCT_OPS = frozenset({"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"})
 _MAX_DIMS = 8
+_MAX_ITEMS = 4096
 
 
 def _check_argument(value: Any, limit: int, where: str) -> Any:
@@ -33,6 +36,13 @@ def _check_argument(value: Any, limit: int, where: str) -> Any:
     if isinstance(value, str):
         if value not in PRODUCT_OPS:
             raise PeerError(f"{where}: '{value[:40]}' is not a product the dealer computes")
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        # e.g. truncation segments [[count, bits], ...]: integer tuples, each bounded; the
+        # dealer method that receives them checks what they mean.
+        if len(value) > _MAX_ITEMS or not all(len(v) <= _MAX_DIMS and all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= limit for d in v) for v in value):
+            raise PeerError(f"{where}: malformed list argument")
         return value
     if isinstance(value, list):
         if len(value) > _MAX_DIMS or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in value):
@@ -59,15 +69,28 @@ def checked_request(message: Any, functions: list[str], limit: int, sender: str)
     return function, args, kwargs
 
 
-def serve() -> None:
-    """Serve tuples to party 0 until it says "terminate"; CrypTen must be initialised here."""
+def served_functions(server_class: type) -> list[str]:
+    """CrypTen's tuple requests and the public methods the dealer class adds to them."""
     from crypten.mpc.provider import ttp_provider
 
+    added = [name for klass in server_class.__mro__ if klass is not ttp_provider.TTPServer
+             and issubclass(klass, ttp_provider.TTPServer)
+             for name, value in vars(klass).items() if callable(value) and not name.startswith("_")]
+    return list(ttp_provider.TTP_FUNCTIONS) + added
+
+
+def serve(server_class: type) -> None:
+    """Serve party 0's requests until it says "terminate"; CrypTen must be initialised here.
+
+    ``server_class``: CrypTen's TTPServer or a subclass; its request methods are used, its
+    own loop (torch.distributed, pickle) is not.
+    """
     from mpc_rec.mpc import prg
 
     comm = TlsCommunicator.get()
     parties = comm.get_world_size()
-    server = ttp_provider.TTPServer.__new__(ttp_provider.TTPServer)  # its tuple maths, not its loop
+    functions = served_functions(server_class)
+    server = server_class.__new__(server_class)
     server.device = "cpu"
     server.generators = [torch.Generator(device="cpu") for _ in range(parties)]
     server.generators_cuda = [None] * parties
@@ -81,7 +104,7 @@ def serve() -> None:
         message = comm.recv_obj(0, comm.ttp_group)
         if message == "terminate":
             return
-        function, args, kwargs = checked_request(message, list(ttp_provider.TTP_FUNCTIONS), limit, sender)
+        function, args, kwargs = checked_request(message, functions, limit, sender)
         try:
             result = getattr(server, function)(*args, **kwargs)
         except (RuntimeError, ValueError, TypeError) as exc:

@@ -1,0 +1,92 @@
+"""The dealer's correlated randomness for the fused training step (see protocols/dealer.md).
+
+Client and server draw from the same per-party AES-CTR streams in the same order, as
+CrypTen's own TTP tuples do: every quantity is drawn from party 0's stream, then party
+1's, ...; each party draws its own share of each quantity in that order; rank 0 receives
+its share of whatever depends non-linearly on the sum (it cannot be drawn). The request
+names below are the wire names of the dealer protocol.
+
+- ``mf_mask_setup``: a random sharing [A] that the dealer keeps for the whole run, so the
+  training mask M is opened once as M - A and every epoch's M * X needs only X - B opened.
+- ``mf_mask_product``: fresh [B] and [A * B] for that kept A.
+- ``mf_truncation``: [r], [r >> bits] (logical shift) and [msb(r)] for exact truncation
+  with one opening (``fused.truncate``).
+- ``mf_error_triple``: one [A] (n x I) with any number of partners [B_j], [C_j] where
+  C_j = A B_j or A^T B_j, so one opening of E - A serves every product with E.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from mpc_rec.errors import PeerError
+
+# Bound the dealer's work per request: a party (rank 0) asks, the dealer obeys only sizes
+# it can serve in memory. 2^28 int64 elements = 2 GiB.
+MAX_ELEMENTS = 2**28
+
+
+def _elements(shape: Any) -> int:
+    dims = [int(d) for d in shape]
+    if any(d < 0 for d in dims) or math.prod(dims) > MAX_ELEMENTS:
+        raise PeerError(f"dealer: refused a request for shape {dims} (limit {MAX_ELEMENTS} elements)")
+    return math.prod(dims)
+
+
+def truncation_correlation(r: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r >> bits as unsigned, msb(r)) for ring elements r stored as int64."""
+    return (r >> bits) & ((1 << (64 - bits)) - 1), (r < 0).to(torch.int64)
+
+
+def partner_shapes(n: int, i: int, partners: list[list[int]]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(shape of B_j, shape of C_j) for partners [transposed, columns]."""
+    shapes = []
+    for transposed, cols in partners:
+        shapes.append(((n, cols), (i, cols)) if transposed else ((i, cols), (n, cols)))
+    return shapes
+
+
+def make_server_class() -> type:
+    """CrypTen's TTPServer plus the fused-step requests (import CrypTen lazily)."""
+    from crypten.mpc.provider import TTPServer
+
+    class FusedDealer(TTPServer):
+        _kept_mask: torch.Tensor | None = None
+
+        def _share_zero_for_rank0(self, value: torch.Tensor) -> torch.Tensor:
+            return value - self._get_additive_PRSS(value.size(), remove_rank=True)
+
+        def mf_mask_setup(self, shape: list[int]) -> torch.Tensor:
+            _elements(shape)
+            self._kept_mask = self._get_additive_PRSS(torch.Size(shape))
+            return torch.empty(0, dtype=torch.int64)
+
+        def mf_mask_product(self, shape: list[int]) -> torch.Tensor:
+            _elements(shape)
+            if self._kept_mask is None or list(self._kept_mask.shape) != list(shape):
+                raise PeerError(f"dealer: mask product for shape {list(shape)} without a matching mask set-up")
+            b = self._get_additive_PRSS(torch.Size(shape))
+            return self._share_zero_for_rank0(self._kept_mask * b)
+
+        def mf_truncation(self, segments: list[list[int]]) -> torch.Tensor:
+            if not segments or any(len(s) != 2 or not 1 <= s[1] <= 60 for s in segments):
+                raise PeerError(f"dealer: malformed truncation request {segments!r:.80}")
+            size = _elements([sum(s[0] for s in segments)])
+            bits = torch.cat([torch.full((int(n),), int(b), dtype=torch.int64) for n, b in segments])
+            high, msb = truncation_correlation(self._get_additive_PRSS(torch.Size([size])), bits)
+            return torch.cat([self._share_zero_for_rank0(high), self._share_zero_for_rank0(msb)])
+
+        def mf_error_triple(self, n: int, i: int, partners: list[list[int]]) -> torch.Tensor:
+            _elements([n, i])
+            shapes = partner_shapes(n, i, partners)
+            for b_shape, _ in shapes:
+                _elements(b_shape)
+            a = self._get_additive_PRSS(torch.Size([n, i]))
+            bs = [self._get_additive_PRSS(torch.Size(b_shape)) for b_shape, _ in shapes]
+            products = [(a.t() if p[0] else a).matmul(b) for p, b in zip(partners, bs)]
+            return torch.cat([self._share_zero_for_rank0(c).flatten() for c in products])
+
+    return FusedDealer

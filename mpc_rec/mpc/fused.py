@@ -1,0 +1,256 @@
+"""The secure training step, fused: two openings of users x items matrices per epoch.
+
+``model.train_epoch`` written with CrypTen's generic operators opens five users x items
+matrices per epoch (mask and prediction for M * pred, the error twice for E Q and E^T P)
+and truncates one (P Q^T), which for three or more parties costs a wrap count over the
+whole matrix. This module computes the same step on raw shares (protocols/training.md):
+
+- P and Q are truncated to 14 fractional bits before P Q^T, so predictions and errors live
+  at 2^28 and need no truncation: M is an integer and R, the biases and the mean are
+  rescaled by a public power of two. (|E| 2^28 Q 2^16 summed over items stays below 2^62
+  for |E| <= 8, |Q| <= 4 and up to 2^17 items.)
+- M * pred uses a mask A the dealer keeps for the run: M - A is opened once, each epoch
+  opens only pred - B.
+- E - A is opened once for E Q and E^T P (a dealer triple whose two products share A);
+  row and column sums of E are linear.
+- Truncations are exact (to one unit in the last place) with one opening and a dealer
+  correlation, for any number of parties (``truncate``).
+
+Only small n x K, I x K and vector work (regularization, momentum) stays on CrypTen's
+generic operators. Needs the TTP dealer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from mpc_rec.compat import import_crypten
+from mpc_rec.model import ModelState, TrainConfig, TrainingData
+from mpc_rec.mpc.dealer import partner_shapes
+from mpc_rec.mpc.prg import random_ring_elements
+
+FRACTION_BITS = 16  # CrypTen's fixed-point precision
+FACTOR_BITS = 14  # P and Q as they enter P Q^T
+ERROR_BITS = 2 * FACTOR_BITS  # predictions and errors
+
+
+def _comm() -> Any:
+    return import_crypten().communicator.get()
+
+
+def _rank() -> int:
+    return _comm().get_rank()
+
+
+def _draw(shape: Any) -> torch.Tensor:
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    return random_ring_elements(shape, generator=TTPClient.get().get_generator())
+
+
+def _request(name: str, *args: Any) -> torch.Tensor:
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    return TTPClient.get().ttp_request(name, None, *args)
+
+
+def open_all(shares: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Open masked values (uniform in the ring) to every party, in one round."""
+    return _comm().all_reduce(shares, batched=True)
+
+
+def _public(value: torch.Tensor) -> torch.Tensor:
+    """A public ring value as a sharing: rank 0 holds it, the rest hold zero."""
+    return value if _rank() == 0 else torch.zeros_like(value)
+
+
+def truncate(shares: list[torch.Tensor], bits: int | list[int]) -> list[torch.Tensor]:
+    """Divide shared values with |x| < 2^62 by 2^bits (floor, or one more), in one opening.
+
+    With y = x + 2^62 in [0, 2^63) and the dealer's r uniform: z = y + r is opened (it is
+    uniform, so it shows nothing) and y + r wraps around 2^64 exactly when msb(r) = 1 and
+    msb(z) = 0. So y >> b = (z >> b) - (r >> b) + msb(r) (1 - msb(z)) 2^(64-b), one too
+    many when the low bits of z - r borrow; every term is public or a dealer sharing.
+    ``bits`` may differ per tensor.
+    """
+    per_share = bits if isinstance(bits, list) else [bits] * len(shares)
+    sizes = [s.numel() for s in shares]
+    segments = [[size, b] for size, b in zip(sizes, per_share)]
+    flat = torch.cat([s.flatten() for s in shares])
+    size = flat.numel()
+    shift = torch.cat([torch.full((n,), b, dtype=torch.int64) for n, b in segments])
+    r = _draw(size)
+    if _rank() == 0:
+        correction = _request("mf_truncation", segments)
+        high, msb = correction[:size], correction[size:]
+    else:
+        high, msb = _draw(size), _draw(size)
+    (z,) = open_all([flat + _public(torch.full_like(flat, 1 << 62)) + r])
+    z_high = (z >> shift) & ((1 << (64 - shift)) - 1)
+    wrapped = msb * (z >= 0).to(torch.int64) * (1 << (64 - shift))
+    result = wrapped - high + _public(z_high - (1 << (62 - shift)))
+    return [part.reshape(s.shape) for part, s in zip(result.split(sizes), shares)]
+
+
+def beaver(op: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x op y for shares x, y ("mul" or "matmul"), with a TTP triple and one opening."""
+    provider = import_crypten().mpc.get_default_provider()
+    a, b, c = provider.generate_additive_triple(x.size(), y.size(), op)
+    d_x, d_y = open_all([x - a.share, y - b.share])
+    f = getattr(torch, op)
+    result = c.share + f(d_x, b.share) + f(a.share, d_y)
+    if _rank() == 0:
+        result += f(d_x, d_y)
+    return result
+
+
+@dataclass
+class ErrorTriple:
+    a: torch.Tensor
+    bs: list[torch.Tensor]
+    cs: list[torch.Tensor]
+
+
+def error_triple(n: int, i: int, partners: list[list[int]]) -> ErrorTriple:
+    """Dealer triple for several products of one n x I secret (see dealer.py)."""
+    shapes = partner_shapes(n, i, partners)
+    a = _draw((n, i))
+    bs = [_draw(b_shape) for b_shape, _ in shapes]
+    if _rank() == 0:
+        flat = _request("mf_error_triple", n, i, partners)
+        cs = [part.reshape(c_shape) for part, (_, c_shape) in
+              zip(flat.split([c[0] * c[1] for _, c in shapes]), shapes)]
+    else:
+        cs = [_draw(c_shape) for _, c_shape in shapes]
+    return ErrorTriple(a, bs, cs)
+
+
+class MaskedProduct:
+    """M * X for the fixed shared mask M: M - A opened once, X - B per product."""
+
+    def __init__(self, mask_share: torch.Tensor):
+        shape = list(mask_share.shape)
+        self.shape = shape
+        self.a = _draw(shape)
+        if _rank() == 0:
+            _request("mf_mask_setup", shape)
+        (self.opened_mask,) = open_all([mask_share - self.a])
+
+    def times(self, x: torch.Tensor) -> torch.Tensor:
+        b = _draw(self.shape)
+        c = _request("mf_mask_product", self.shape) if _rank() == 0 else _draw(self.shape)
+        (opened_x,) = open_all([x - b])
+        result = c + self.opened_mask * b + self.a * opened_x
+        if _rank() == 0:
+            result += self.opened_mask * opened_x
+        return result
+
+
+def _share(x: Any) -> torch.Tensor:
+    return x._tensor.share
+
+
+def _wrap(share: torch.Tensor) -> Any:
+    return import_crypten().mpc.MPCTensor.from_shares(share, precision=FRACTION_BITS)
+
+
+def _scaled(x: Any, bits: int) -> torch.Tensor:
+    """A shared value or a public float at 2^bits fixed point, as this party's share."""
+    if torch.is_tensor(x):
+        return _public(torch.round(x.to(torch.float64) * 2.0**bits).to(torch.int64))
+    return _share(x) << (bits - FRACTION_BITS)
+
+
+class FusedStep:
+    """One party's state for fused epochs over fixed training data."""
+
+    def __init__(self, data: TrainingData):
+        self.data = data
+        self.masked = MaskedProduct(_share(data.mask))
+        self.ratings = _share(data.ratings) << (ERROR_BITS - FRACTION_BITS)
+
+    def error(self, state: ModelState) -> torch.Tensor:
+        """E = M * (mu + b_u + c_i + P Q^T) - R at 2^ERROR_BITS."""
+        p, q = truncate([_share(state.user_factors), _share(state.item_factors)], FRACTION_BITS - FACTOR_BITS)
+        scores = beaver("matmul", p, q.t().contiguous())
+        bias_bits = ERROR_BITS
+        scores += _scaled(self.data.mean, bias_bits)
+        scores += _scaled(state.user_bias, bias_bits).unsqueeze(1)
+        scores += _scaled(state.item_bias, bias_bits).unsqueeze(0)
+        return self.masked.times(scores) - self.ratings
+
+    def gradients_data_part(
+        self, state: ModelState, item_aggregates: Callable[[Any, ModelState], tuple[Any, Any]] | None
+    ) -> tuple[Any, Any, Any, Any]:
+        """E Q, E^T P (or the hook's item sums), row and column sums of E, as MPCTensors."""
+        error = self.error(state)
+        n, i = error.shape
+        k = state.item_factors.size(1)
+        private = item_aggregates is not None
+        partners = [[0, k]] if private else [[0, k], [1, k]]
+        triple = error_triple(n, i, partners)
+        rights = [_share(state.item_factors)] if private else [_share(state.item_factors), _share(state.user_factors)]
+        opened = open_all([error - triple.a] + [r - b for r, b in zip(rights, triple.bs)])
+        d_e, d_rights = opened[0], opened[1:]
+        products = []
+        for (transposed, _), b, c, d in zip(partners, triple.bs, triple.cs, d_rights):
+            de, a = (d_e.t(), triple.a.t()) if transposed else (d_e, triple.a)
+            product = c + de.matmul(b) + a.matmul(d)
+            if _rank() == 0:
+                product += de.matmul(d)
+            products.append(product)
+        up = FRACTION_BITS  # sums of E at 2^28 brought to the products' 2^44
+        sums = [error.sum(1) << up] + ([] if private else [error.sum(0) << up])
+        parts = truncate(products + sums, ERROR_BITS)
+        if private:
+            user_part, user_sum = parts
+            (error16,) = truncate([error], ERROR_BITS - FRACTION_BITS)
+            item_part, item_sum = item_aggregates(_wrap(error16), state)
+            return _wrap(user_part), item_part, _wrap(user_sum), item_sum
+        user_part, item_part, user_sum, item_sum = parts
+        return _wrap(user_part), _wrap(item_part), _wrap(user_sum), _wrap(item_sum)
+
+    def epoch(
+        self, state: ModelState, config: TrainConfig,
+        item_aggregates: Callable[[Any, ModelState], tuple[Any, Any]] | None = None,
+    ) -> ModelState:
+        """``model.train_epoch`` on shares: the same update, with two truncations in all.
+
+        Gradients and velocities are formed at 2^32 (count-weighted penalty: a Beaver
+        product with the integer counts, or a public weight), then truncated together.
+        """
+        data, f = self.data, FRACTION_BITS
+        parts = [_share(x) for x in self.gradients_data_part(state, item_aggregates)]
+        params = [_share(x) for x in state.params]
+        user_counts = _share(data.user_counts)
+        k = params[0].shape[1]
+        shared_items = not torch.is_tensor(data.item_weights)
+        counted = [params[0], params[2]] + ([params[1], params[3]] if shared_items else [])
+        counts = [user_counts.unsqueeze(1).expand(-1, k), user_counts]
+        if shared_items:
+            item_counts = _share(data.item_weights)
+            counts += [item_counts.unsqueeze(1).expand(-1, k), item_counts]
+        flat = beaver("mul", torch.cat([c.flatten() for c in counted]), torch.cat([c.flatten() for c in counts]))
+        weighted = [part.reshape(c.shape) for part, c in zip(flat.split([c.numel() for c in counted]), counted)]
+        if shared_items:
+            by_count = [weighted[0], weighted[2], weighted[1], weighted[3]]
+        else:
+            weights = _fixed(data.item_weights)
+            by_count = [weighted[0], params[1] * weights.unsqueeze(1), weighted[1], params[3] * weights]
+        reg = _fixed(torch.tensor(config.regularization))
+        gradients = [(part << f) + reg * counted_part for part, counted_part in zip(parts, by_count)]
+        if state.velocity:
+            momentum = _fixed(torch.tensor(config.momentum))
+            gradients = [momentum * _share(v) + g for v, g in zip(state.velocity, gradients)]
+        velocity = truncate(gradients, f)
+        rate = _fixed(torch.tensor(config.learning_rate))
+        updated = truncate([(p << f) - rate * v for p, v in zip(params, velocity)], f)
+        return ModelState(*[_wrap(p) for p in updated], velocity=[_wrap(v) for v in velocity])
+
+
+def _fixed(value: torch.Tensor) -> torch.Tensor:
+    """A public float (tensor) at 2^16 fixed point, the same on every party."""
+    return torch.round(value.to(torch.float64) * 2.0**FRACTION_BITS).to(torch.int64)
