@@ -119,7 +119,7 @@ def test_wrong_peers_are_refused(pilot, case):
         pin = certificate_fingerprint(pilot["rogue"] / "party-0.pem")
         settings = _settings(pilot, pins={0: pin})
         expect = {1: f"not the pinned {pin}; refused"}
-    results = _connect_all(settings)
+    results = _connect_all(settings, timeout_s=2.0)  # the side not refused waits this long
     try:
         for rank, text in expect.items():
             assert isinstance(results[rank], PeerError), results
