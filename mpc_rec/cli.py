@@ -51,6 +51,7 @@ def main() -> None:
 @click.option("--ledger-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("mpc-rec-ledger"), show_default=True, help="Privacy budget ledgers, one file per party.")
 @click.option("--budget-epsilon", type=click.FloatRange(0, min_open=True), default=50.0, show_default=True, help="Total epsilon per data set when a new ledger is created.")
 @click.option("--progress/--no-progress", default=None, help="Progress line on stderr. [default: when stderr is a terminal]")
+@click.option("--transport", type=click.Choice(["gloo", "tls"]), default="gloo", show_default=True, help="gloo: plain TCP (loopback or a trusted network); tls: mutually authenticated TLS 1.3 with a throw-away pilot CA.")
 @click.option("--release", type=click.Choice(["exact", "threshold"]), default="exact", show_default=True, help="What each user is shown: the exact top-k, or a threshold-policy draw that is epsilon-DP w.r.t. the user's ranking (protocols/release.md).")
 @click.option("--release-epsilon", type=click.FloatRange(0, min_open=True), default=None, help="Epsilon of one threshold release (required with --release threshold).")
 @click.option("--release-budget", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True, help="Total release epsilon per user, over all runs sharing --ledger-dir; then the last release is shown again.")
@@ -127,6 +128,23 @@ def budget(ledger: Path) -> None:
         click.echo(format_ledger(load_ledger(ledger)))
     except MpcRecError as exc:
         _fail(exc)
+
+
+@main.command(epilog=EXIT_CODES)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for ca.pem, ca.key and <party>.pem / <party>.key (keys 0600).")
+@click.option("--parties", required=True, help="Comma-separated party names, e.g. org-a,org-b,org-c,dealer; each becomes its certificate's identity.")
+@click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True, help="Validity of the certificates.")
+def certs(out: Path, parties: str, days: int) -> None:
+    """Create a pilot CA and one key and certificate per party (for tests and trials)."""
+    from mpc_rec.transport.certs import certificate_fingerprint, make_pilot_certificates
+
+    try:
+        written = make_pilot_certificates(out, [p.strip() for p in parties.split(",") if p.strip()], days=days)
+    except MpcRecError as exc:
+        _fail(exc)
+    click.echo(f"pilot CA: {written.pop('ca')}")
+    for name, path in written.items():
+        click.echo(f"{name}: {path} (key {path.with_suffix('.key')}), fingerprint {certificate_fingerprint(path)}")
 
 
 @main.command(epilog=EXIT_CODES)

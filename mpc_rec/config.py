@@ -16,12 +16,14 @@ from mpc_rec.errors import ConfigError
 from mpc_rec.model import TrainConfig
 from mpc_rec.mpc.session import Endpoint
 from mpc_rec.release import ReleaseConfig
+from mpc_rec.transport.settings import parse_tls
 
 ROLES = ("compute", "dealer")
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "party": {"name": str, "role": str, "rank": int, "world_size": int},
-    "network": {"rendezvous": str, "timeout_s": (int, float)},
+    "network": {"rendezvous": str, "timeout_s": (int, float), "transport": str, "listen": str, "max_message_mb": int},
+    "tls": {"ca": str, "cert": str, "key": str},  # with [[peer]] entries: see mpc_rec/transport/settings.py
     "dealer": {"kind": str},
     "data": {"train": str, "test": str, "catalogue": str, "rating_min": (int, float), "rating_max": (int, float)},
     "train": {f.name: (int, float) if f.type in ("float",) else int for f in fields(TrainConfig)},
@@ -41,9 +43,9 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 _PRIVACY_REQUIRED = ("epsilon", "dataset", "run_id", "timestamp", "ledger")
 _REQUIRED = {
-    "compute": [("party", "name"), ("party", "rank"), ("party", "world_size"), ("network", "rendezvous"),
+    "compute": [("party", "name"), ("party", "rank"), ("party", "world_size"),
                 ("data", "train"), ("data", "catalogue"), ("output", "dir")],
-    "dealer": [("party", "rank"), ("party", "world_size"), ("network", "rendezvous")],
+    "dealer": [("party", "rank"), ("party", "world_size")],
 }
 
 
@@ -114,6 +116,8 @@ def load_party_config(path: str | os.PathLike[str]) -> PartyConfig:
 
 
 def parse_party_config(raw: dict[str, Any], *, base: Path) -> PartyConfig:
+    peers = raw.get("peer")  # [[peer]]: a list of tables, checked with the rest of the TLS settings
+    raw = {table: values for table, values in raw.items() if table != "peer"}
     _check_schema(raw)
     section = lambda name: raw.get(name, {})  # noqa: E731
     role = section("party").get("role", "compute")
@@ -128,13 +132,21 @@ def parse_party_config(raw: dict[str, Any], *, base: Path) -> PartyConfig:
     def resolve(value: str | None) -> Path | None:
         return None if value is None else (base / value).resolve()
 
+    if section("network").get("transport", "gloo") == "gloo" and "rendezvous" not in section("network"):
+        raise ConfigError("missing required setting network.rendezvous")
+    rank, world_size = section("party")["rank"], section("party")["world_size"]
+    dealer = section("dealer").get("kind", "ttp")
+    tls = parse_tls(section("network"), section("tls"), peers, base=base, rank=rank,
+                    processes=world_size + (1 if dealer == "ttp" else 0),
+                    name=section("party").get("name", f"rank{rank}"))
     try:
         endpoint = Endpoint(
-            rank=section("party")["rank"],
-            world_size=section("party")["world_size"],
-            rendezvous=section("network")["rendezvous"],
-            dealer=section("dealer").get("kind", "ttp"),
+            rank=rank,
+            world_size=world_size,
+            rendezvous=section("network").get("rendezvous", ""),
+            dealer=dealer,
             timeout_s=float(section("network").get("timeout_s", 30.0)),
+            tls=tls,
         )
         train = TrainConfig(**section("train"))
     except ValueError as exc:
@@ -218,17 +230,23 @@ def _check_schema(raw: dict[str, Any]) -> None:
 
 
 def dump_toml(document: dict[str, dict[str, Any]]) -> str:
-    """Our configs are flat tables of strings and numbers; this writes exactly that."""
+    """Our configs are flat tables of strings and numbers (a list of them: [[table]])."""
     lines = []
     for table, values in document.items():
-        lines.append(f"[{table}]")
-        for key, value in values.items():
-            if isinstance(value, str):
-                escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-                lines.append(f'{key} = "{escaped}"')
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                lines.append(f"{key} = {value!r}")
-            else:
-                raise TypeError(f"cannot write {table}.{key}={value!r} to TOML")
-        lines.append("")
+        for entry in values if isinstance(values, list) else [values]:
+            lines += _dump_table(f"[[{table}]]" if isinstance(values, list) else f"[{table}]", table, entry)
     return "\n".join(lines)
+
+
+def _dump_table(title: str, table: str, values: dict[str, Any]) -> list[str]:
+    lines = [title]
+    for key, value in values.items():
+        if isinstance(value, str):
+            escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'{key} = "{escaped}"')
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            lines.append(f"{key} = {value!r}")
+        else:
+            raise TypeError(f"cannot write {table}.{key}={value!r} to TOML")
+    lines.append("")
+    return lines

@@ -62,6 +62,7 @@ class RunOptions:
     progress: bool | None = None
     privacy: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_PRIVACY))
     ledger_dir: Path = Path("mpc-rec-ledger")
+    transport: str = "gloo"
     release: dict[str, Any] = field(default_factory=lambda: {"policy": "exact"})
     contributors: int = 0  # >0: users' rows come from this many simulated data holders (mpc_rec/ingest/)
     ingest_deadline_s: float = 1800.0
@@ -90,6 +91,7 @@ class RunOptions:
             out=options["out"], timeout_s=options["timeout_s"],
             dealer="insecure-tfp" if options["insecure_tfp_dealer"] else "ttp",
             progress=options["progress"], privacy=privacy, ledger_dir=options["ledger_dir"],
+            transport=options.get("transport", "gloo"),
             release=release_options(options),
             **_ingest_options(options),
         )
@@ -210,11 +212,17 @@ def run_local(options: RunOptions) -> dict[str, Any]:
 
 def write_deployment(options, workdir, staging, train, test, blocks, catalogue, dataset="unnamed"):
     write_catalogue(catalogue, workdir / "catalogue.txt")
-    rendezvous = f"tcp://127.0.0.1:{free_port()}"
-    common = {
-        "network": {"rendezvous": rendezvous, "timeout_s": options.timeout_s},
-        "dealer": {"kind": options.dealer},
-    }
+    names = [f"party-{rank}" for rank in range(len(blocks))] + (["dealer"] if options.dealer == "ttp" else [])
+    if options.transport == "tls":  # a throw-away pilot CA and one certificate per process
+        from mpc_rec.transport.certs import loopback_tls
+
+        peers, tls = loopback_tls(workdir / "certs", names, [free_port() for _ in names])
+        network = {"transport": "tls", "timeout_s": options.timeout_s}
+    else:
+        peers, tls = None, {}
+        network = {"rendezvous": f"tcp://127.0.0.1:{free_port()}", "timeout_s": options.timeout_s}
+    common = {"network": network, "dealer": {"kind": options.dealer}}
+    with_tls = lambda name: {"tls": tls[name], "peer": peers} if peers else {}  # noqa: E731
     run_id, timestamp = uuid.uuid4().hex, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     parties, user_blocks = [], []
     levels = _release_levels(options, {u for block in blocks for u in block.user_ids()})
@@ -233,6 +241,7 @@ def write_deployment(options, workdir, staging, train, test, blocks, catalogue, 
                      "rating_min": options.rating_range[0], "rating_max": options.rating_range[1]},
             "train": options.train.to_dict(),
             "output": {"dir": str((staging / name).resolve()), "top_k": options.top_k},
+            **with_tls(name),
         }
         if options.privacy is not None:
             document["privacy"] = {
@@ -248,7 +257,7 @@ def write_deployment(options, workdir, staging, train, test, blocks, catalogue, 
         parties.append(_Party(name, rank, path, options.out / name, staging / name))
     if options.dealer == "ttp":
         document = {"party": {"name": "dealer", "role": "dealer", "rank": options.parties,
-                              "world_size": options.parties}, **common}
+                              "world_size": options.parties}, **common, **with_tls("dealer")}
         path = workdir / "dealer.toml"
         write_text_atomic(path, dump_toml(document))
         parties.append(_Party("dealer", options.parties, path, None))

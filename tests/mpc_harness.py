@@ -24,14 +24,17 @@ def _party_main(endpoint: Endpoint, function: Callable, args: tuple, queue: Any)
 
 
 def run_parties(function: Callable, world_size: int, *args: Any, dealer: str = "ttp",
-                timeout_s: float = 30.0, wait_s: float = 240.0) -> list[Any]:
-    """Call function(session, *args) in each of world_size party processes; rank-ordered results."""
+                timeout_s: float = 30.0, wait_s: float = 240.0, tls: list[Any] | None = None) -> list[Any]:
+    """Call function(session, *args) in each of world_size party processes; rank-ordered results.
+
+    ``tls``: one TlsSettings per process (dealer last) to run over the TLS transport.
+    """
     context = mp.get_context("spawn")
     queue = context.Queue()
     rendezvous = f"tcp://127.0.0.1:{free_port()}"
     ranks = range(world_size + (1 if dealer == "ttp" else 0))
     processes = [
-        context.Process(target=_party_main, args=(Endpoint(r, world_size, rendezvous, dealer, timeout_s), function, args, queue))
+        context.Process(target=_party_main, args=(Endpoint(r, world_size, rendezvous, dealer, timeout_s, tls[r] if tls else None), function, args, queue))
         for r in ranks
     ]
     for process in processes:

@@ -47,3 +47,15 @@ def test_parties_use_it_and_local_streams_differ():
     results = run_parties(_generator_in_use, 2)
     assert all(r[0] and r[1] for r in results)
     assert not torch.equal(results[0][2], results[1][2])
+
+
+def test_bound_key_replaces_the_seed():
+    key = bytes(range(32))
+    a, b, c = (torch.Generator().manual_seed(5) for _ in range(3))
+    prg.bind_key(a, key)
+    prg.bind_key(b, key)
+    x = prg.random_ring_elements(16, generator=a)
+    assert torch.equal(x, prg.random_ring_elements(16, generator=b))  # same key: same stream at both ends
+    assert not torch.equal(x, prg.random_ring_elements(16, generator=c))  # the seed alone no longer decides
+    a.manual_seed(6)  # a reseeded generator starts a new stream, never the old one again
+    assert not torch.equal(prg.random_ring_elements(16, generator=a), x)

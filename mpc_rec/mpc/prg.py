@@ -8,8 +8,8 @@ here, too). Keys:
 - a party's private ("local") generator: a fresh 256-bit key from the OS;
 - generators shared with a peer or the dealer: SHA-256 of the 64-bit seed CrypTen
   exchanged. Their strength is therefore that of the 64-bit seed, which CrypTen also
-  sends over the (unencrypted) transport; agreeing 256-bit keys over an authenticated
-  channel is the pilot transport's job.
+  sends over the (unencrypted) transport; the TLS transport instead agrees a 256-bit key
+  per shared generator over its authenticated channel (``bind_key``).
 Parties that share a seed make the same draws in the same order (CrypTen relies on that
 already), so their keystreams stay in step.
 """
@@ -34,13 +34,25 @@ _MODULES_USING_RNG = (
     "crypten.mpc.provider.tfp_provider",
 )
 _streams: dict[int, tuple[int, Any]] = {}
+_bound_keys: dict[int, bytes] = {}
+
+
+def bind_key(generator: torch.Generator, key: bytes) -> None:
+    """Key this generator's stream with a 256-bit key agreed with its peer, not its seed."""
+    if len(key) != 32:
+        raise ValueError("a generator key has 32 bytes")
+    _bound_keys[id(generator)] = key
+    _streams.pop(id(generator), None)
 
 
 def _keystream(generator: torch.Generator) -> Any:
     seed = generator.initial_seed()
     entry = _streams.get(id(generator))
     if entry is None or entry[0] != seed:
-        if generator is import_crypten().generators["local"].get(torch.device("cpu")):
+        bound = _bound_keys.get(id(generator))
+        if bound is not None:  # the seed still enters, so a reseeded generator never repeats a stream
+            key = hashlib.sha256(b"mpc-rec/aes-ctr/bound/v1/" + bound + seed.to_bytes(8, "little")).digest()
+        elif generator is import_crypten().generators["local"].get(torch.device("cpu")):
             key = os.urandom(32)
         else:
             key = hashlib.sha256(b"mpc-rec/aes-ctr/v1/" + seed.to_bytes(8, "little")).digest()

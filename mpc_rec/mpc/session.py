@@ -36,6 +36,7 @@ class Endpoint:
     rendezvous: str
     dealer: str = "ttp"
     timeout_s: float = 30.0
+    tls: Any = None  # mpc_rec.transport.settings.TlsSettings; None: plain gloo (trusted networks only)
 
     def __post_init__(self) -> None:
         if self.dealer not in DEALERS:
@@ -45,7 +46,7 @@ class Endpoint:
         last = self.world_size if self.dealer == "ttp" else self.world_size - 1
         if not 0 <= self.rank <= last:
             raise ConfigError(f"rank {self.rank} is outside 0..{last} for this run")
-        if not self.rendezvous.startswith("tcp://"):
+        if self.tls is None and not self.rendezvous.startswith("tcp://"):
             raise ConfigError(f"rendezvous must be tcp://HOST:PORT, got '{self.rendezvous}'")
         if not 0 < self.timeout_s <= 3600:
             raise ConfigError(f"timeout_s must be in (0, 3600], got {self.timeout_s}")
@@ -73,6 +74,10 @@ def _configure(endpoint: Endpoint) -> Any:
 
     prg.install()
     crypten_fixes.install()
+    if endpoint.tls is not None:
+        from mpc_rec.transport.communicator import install
+
+        install(endpoint.tls, rank=endpoint.rank, world_size=endpoint.world_size, timeout_s=endpoint.timeout_s)
 
     # CrypTen passes no timeout to torch.distributed; this default bounds every wait
     # (rendezvous, send, receive), so a dead or silent peer ends the run instead of hanging.
@@ -114,10 +119,17 @@ def serve_dealer(endpoint: Endpoint) -> None:
     """Run the trusted dealer (CrypTen's TTPServer plus mpc.dealer's requests) until rank 0 ends the run."""
     if not endpoint.is_dealer:
         raise ConfigError("serve_dealer needs the dealer rank (rank == world_size, dealer ttp)")
-    _configure(endpoint)
-    import torch
-
+    crypten = _configure(endpoint)
     from mpc_rec.mpc.dealer import make_server_class
+
+    if endpoint.tls is not None:
+        from mpc_rec.transport import dealer
+
+        crypten.init()
+        dealer.serve(make_server_class())
+        crypten.uninit()
+        return
+    import torch
 
     # TTPServer draws the seeds it shares with each party from torch's global generator,
     # which starts from a fixed default seed in every new process: reseed it from the OS.
