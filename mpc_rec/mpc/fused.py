@@ -100,11 +100,18 @@ def beaver(op: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     provider = import_crypten().mpc.get_default_provider()
     a, b, c = provider.generate_additive_triple(x.size(), y.size(), op)
     d_x, d_y = open_all([x - a.share, y - b.share])
-    f = getattr(torch, op)
-    result = c.share + f(d_x, b.share) + f(a.share, d_y)
-    if _rank() == 0:
-        result += f(d_x, d_y)
-    return result
+    return recombine(getattr(torch, op), c.share, d_x, d_y, a.share, b.share)
+
+
+def recombine(f: Callable, c: torch.Tensor, d_x: torch.Tensor, d_y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Beaver's x y = c + d_x b + a d_y + d_x d_y, as two products (c is updated in place).
+
+    d_x = x - a and d_y = y - b are open; rank 0 alone adds the public d_x d_y, folded
+    into d_x (b + d_y).
+    """
+    c += f(d_x, b + d_y if _rank() == 0 else b)
+    c += f(a, d_y)
+    return c
 
 
 @dataclass
@@ -143,10 +150,7 @@ class MaskedProduct:
         b = _draw(self.shape)
         c = _request("mf_mask_product", self.shape) if _rank() == 0 else _draw(self.shape)
         (opened_x,) = open_all([x - b])
-        result = c + self.opened_mask * b + self.a * opened_x
-        if _rank() == 0:
-            result += self.opened_mask * opened_x
-        return result
+        return recombine(torch.mul, c, self.opened_mask, opened_x, self.a, b)
 
 
 def _share(x: Any) -> torch.Tensor:
@@ -198,10 +202,7 @@ class FusedStep:
         products = []
         for (transposed, _), b, c, d in zip(partners, triple.bs, triple.cs, d_rights):
             de, a = (d_e.t(), triple.a.t()) if transposed else (d_e, triple.a)
-            product = c + de.matmul(b) + a.matmul(d)
-            if _rank() == 0:
-                product += de.matmul(d)
-            products.append(product)
+            products.append(recombine(torch.matmul, c, de, d, a, b))
         up = FRACTION_BITS  # sums of E at 2^28 brought to the products' 2^44
         sums = [error.sum(1) << up] + ([] if private else [error.sum(0) << up])
         parts = truncate(products + sums, ERROR_BITS)
