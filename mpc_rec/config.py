@@ -99,16 +99,21 @@ class PartyConfig:
     transcript_max_elements: int = 32_768
 
 
-def load_party_config(path: str | os.PathLike[str]) -> PartyConfig:
-    path = Path(path)
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML configuration file as a dict; unreadable or malformed files are a ConfigError."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def load_party_config(path: str | os.PathLike[str]) -> PartyConfig:
+    path = Path(path)
+    raw = read_toml(path)
     try:
         return parse_party_config(raw, base=path.parent)
     except ConfigError as exc:

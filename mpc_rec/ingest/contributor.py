@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mpc_rec.config import read_toml
 from mpc_rec.data import dense_matrices, load_ratings, read_catalogue, sort_ids
 from mpc_rec.errors import ConfigError, InputError, PeerError
 from mpc_rec.ingest.codes import IngestSpec, contributor_vector, encode_rows
@@ -58,12 +58,7 @@ class ContributorConfig:
 
 def load_contributor_config(path: str | os.PathLike[str]) -> ContributorConfig:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    raw = read_toml(path)
     for table, values in raw.items():
         known = _SCHEMA.get(table)
         if known is None or not isinstance(values, dict):
