@@ -9,6 +9,11 @@ from mpc_rec.errors import InputError
 
 def write_text_atomic(path, text: str) -> None:
     """Replace ``path`` with ``text`` so readers see the old file or the new, never a part."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so readers see the old file or the new, never a part."""
     target = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(target)
     try:
@@ -16,8 +21,8 @@ def write_text_atomic(path, text: str) -> None:
     except OSError as exc:
         raise InputError(f"{os.fspath(path)}: cannot write ({exc.strerror or exc})") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         # mkstemp creates 0600; keep an existing file's mode, else use ordinary 0644.
