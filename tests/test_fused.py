@@ -59,18 +59,28 @@ def test_truncation_correlation_is_logical_shift_and_sign_bit():
 
 
 def _products_in_party(session, mask, x_values, e_values, right, left):
+    from mpc_rec.mpc import ring
     from mpc_rec.mpc.fused import MaskedProduct, error_triple, open_all
 
     rank, world = session.endpoint.rank, session.endpoint.world_size
     masked = MaskedProduct(_split(mask, rank, world))
-    products = [masked.times(_split(x, rank, world)) for x in x_values]  # the kept mask, reused
+    products, sums = [], []
+    for x in x_values:  # the kept mask, reused
+        b, c = masked.draw()
+        (opened,) = open_all([_split(x, rank, world) - b])
+        zeros = torch.zeros_like(c)
+        _, row_sums, column_sums = ring.masked_error(c.numpy(), masked.opened_mask.numpy(), b.numpy(), opened.numpy(),
+                                                     masked.a.numpy(), zeros.numpy(), zeros.numpy(), rank == 0)
+        products.append(c.numpy())
+        sums.append((row_sums, column_sums))
     n, i = e_values.shape
     triple = error_triple(n, i, [[0, right.shape[1]], [1, left.shape[1]]])
     e, r, l = (_split(t, rank, world) for t in (e_values, right, left))
     d_e, d_r, d_l = open_all([e - triple.a, r - triple.bs[0], l - triple.bs[1]])
-    e_right = triple.cs[0] + d_e.matmul(triple.bs[0]) + triple.a.matmul(d_r) + (d_e.matmul(d_r) if rank == 0 else 0)
-    e_left = triple.cs[1] + d_e.t().matmul(triple.bs[1]) + triple.a.t().matmul(d_l) + (d_e.t().matmul(d_l) if rank == 0 else 0)
-    return [p.numpy() for p in products], e_right.numpy(), e_left.numpy()
+    lefts = [(b + d if rank == 0 else b).numpy() for b, d in zip(triple.bs, (d_r, d_l))]
+    ring.error_products(d_e.numpy(), triple.a.numpy(), lefts[0], d_r.numpy(), triple.cs[0].numpy(),
+                        lefts[1], d_l.numpy(), triple.cs[1].numpy())
+    return products, sums, triple.cs[0].numpy(), triple.cs[1].numpy()
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -84,8 +94,10 @@ def test_kept_mask_products_and_the_shared_error_triple(world_size):
     results = run_parties(_products_in_party, world_size, mask, xs, e, right, left)
     for index, x in enumerate(xs):
         assert torch.equal(_reconstruct([r[0][index] for r in results]), mask * x)
-    assert torch.equal(_reconstruct([r[1] for r in results]), e.matmul(right))
-    assert torch.equal(_reconstruct([r[2] for r in results]), e.t().matmul(left))
+        assert torch.equal(_reconstruct([r[1][index][0] for r in results]), (mask * x).sum(1))
+        assert torch.equal(_reconstruct([r[1][index][1] for r in results]), (mask * x).sum(0))
+    assert torch.equal(_reconstruct([r[2] for r in results]), e.matmul(right))
+    assert torch.equal(_reconstruct([r[3] for r in results]), e.t().matmul(left))
 
 
 def _private_step_in_party(session, rows, config):

@@ -16,8 +16,9 @@ whole matrix. This module computes the same step on raw shares (protocols/traini
 - Truncations are exact (to one unit in the last place) with one opening and a dealer
   correlation, for any number of parties (``truncate``).
 
-Only small n x K, I x K and vector work (regularization, momentum) stays on CrypTen's
-generic operators. Needs the TTP dealer.
+The users x items arithmetic between the openings runs in ``ring``'s compiled one-pass
+kernels. Only small n x K, I x K and vector work (regularization, momentum) stays on
+CrypTen's generic operators. Needs the TTP dealer.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 from mpc_rec.compat import import_crypten
 from mpc_rec.model import ModelState, TrainConfig, TrainingData
+from mpc_rec.mpc import ring
 from mpc_rec.mpc.dealer import partner_shapes
 from mpc_rec.mpc.prg import random_ring_elements
 
@@ -146,11 +148,11 @@ class MaskedProduct:
             _request("mf_mask_setup", shape)
         (self.opened_mask,) = open_all([mask_share - self.a])
 
-    def times(self, x: torch.Tensor) -> torch.Tensor:
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This party's shares of a fresh B and of A * B for one product."""
         b = _draw(self.shape)
         c = _request("mf_mask_product", self.shape) if _rank() == 0 else _draw(self.shape)
-        (opened_x,) = open_all([x - b])
-        return recombine(torch.mul, c, self.opened_mask, opened_x, self.a, b)
+        return b, c
 
 
 def _share(x: Any) -> torch.Tensor:
@@ -176,36 +178,49 @@ class FusedStep:
         self.masked = MaskedProduct(_share(data.mask))
         self.ratings = _share(data.ratings) << (ERROR_BITS - FRACTION_BITS)
 
-    def error(self, state: ModelState) -> torch.Tensor:
-        """E = M * (mu + b_u + c_i + P Q^T) - R at 2^ERROR_BITS."""
-        p, q = truncate([_share(state.user_factors), _share(state.item_factors)], FRACTION_BITS - FACTOR_BITS)
-        scores = beaver("matmul", p, q.t().contiguous())
-        bias_bits = ERROR_BITS
-        scores += _scaled(self.data.mean, bias_bits)
-        scores += _scaled(state.user_bias, bias_bits).unsqueeze(1)
-        scores += _scaled(state.item_bias, bias_bits).unsqueeze(0)
-        return self.masked.times(scores) - self.ratings
-
     def gradients_data_part(
         self, state: ModelState, item_aggregates: Callable[[Any, ModelState], tuple[Any, Any]] | None
     ) -> tuple[Any, Any, Any, Any]:
-        """E Q, E^T P (or the hook's item sums), row and column sums of E, as MPCTensors."""
-        error = self.error(state)
-        n, i = error.shape
-        k = state.item_factors.size(1)
+        """E Q, E^T P (or the hook's item sums), row and column sums of E, as MPCTensors.
+
+        E = M * (mu + b_u + c_i + P Q^T) - R at 2^ERROR_BITS. Three openings: the small
+        Beaver differences for P Q^T, then pred - B (users x items), then E - A with the
+        partners of the error triple (users x items); ``ring`` does the users x items
+        arithmetic between them in one pass each.
+        """
+        rank0 = _rank() == 0
+        p, q = truncate([_share(state.user_factors), _share(state.item_factors)], FRACTION_BITS - FACTOR_BITS)
+        (n, k), i = p.shape, q.shape[0]
+        provider = import_crypten().mpc.get_default_provider()
+        a_p, b_q, scores = (t.share for t in provider.generate_additive_triple(p.size(), torch.Size([k, i]), "matmul"))
+        mask_b, masked_c = self.masked.draw()
         private = item_aggregates is not None
         partners = [[0, k]] if private else [[0, k], [1, k]]
-        triple = error_triple(n, i, partners)
+        triple = error_triple(n, i, partners)  # every draw precedes the openings, in the dealer's order
+        d_p, d_q = open_all([p - a_p, q.t() - b_q])
+        left = torch.cat([d_p, a_p], 1)  # Beaver's d_P (B + d_Q) + A d_Q as one product of width 2K
+        right = torch.cat([b_q + d_q if rank0 else b_q, d_q], 0)
+        user_offset = _scaled(state.user_bias, ERROR_BITS) + _scaled(self.data.mean, ERROR_BITS)
+        item_offset = _scaled(state.item_bias, ERROR_BITS)
+        ring.masked_scores(scores.numpy(), left.numpy(), right.numpy(), user_offset.numpy(), item_offset.numpy(),
+                           mask_b.numpy())  # scores becomes pred - B
+        (opened_x,) = open_all([scores])
+        masked_e, row_sums, column_sums = ring.masked_error(
+            masked_c.numpy(), self.masked.opened_mask.numpy(), mask_b.numpy(), opened_x.numpy(), self.masked.a.numpy(),
+            self.ratings.numpy(), triple.a.numpy(), rank0)  # masked_c becomes E
+        error = masked_c
         rights = [_share(state.item_factors)] if private else [_share(state.item_factors), _share(state.user_factors)]
-        opened = open_all([error - triple.a] + [r - b for r, b in zip(rights, triple.bs)])
-        d_e, d_rights = opened[0], opened[1:]
-        products = []
-        for (transposed, _), b, c, d in zip(partners, triple.bs, triple.cs, d_rights):
-            de, a = (d_e.t(), triple.a.t()) if transposed else (d_e, triple.a)
-            products.append(recombine(torch.matmul, c, de, d, a, b))
+        opened = open_all([torch.from_numpy(masked_e)] + [r - b for r, b in zip(rights, triple.bs)])
+        d_e, d_rights = opened[0].numpy(), [d.numpy() for d in opened[1:]]
+        lefts = [(b + d if rank0 else b).numpy() for b, d in zip(triple.bs, opened[1:])]
+        if private:
+            ring.error_products(d_e, triple.a.numpy(), lefts[0], d_rights[0], triple.cs[0].numpy())
+        else:
+            ring.error_products(d_e, triple.a.numpy(), lefts[0], d_rights[0], triple.cs[0].numpy(),
+                                lefts[1], d_rights[1], triple.cs[1].numpy())
         up = FRACTION_BITS  # sums of E at 2^28 brought to the products' 2^44
-        sums = [error.sum(1) << up] + ([] if private else [error.sum(0) << up])
-        parts = truncate(products + sums, ERROR_BITS)
+        sums = [torch.from_numpy(row_sums) << up] + ([] if private else [torch.from_numpy(column_sums) << up])
+        parts = truncate(triple.cs + sums, ERROR_BITS)
         if private:
             user_part, user_sum = parts
             (error16,) = truncate([error], ERROR_BITS - FRACTION_BITS)

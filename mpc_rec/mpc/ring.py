@@ -1,0 +1,129 @@
+"""The fused training step's users x items arithmetic in Z_2^64, as single-pass kernels.
+
+torch has no fast int64 matrix product (no BLAS for integers: E Q, 25 M multiply-adds,
+took ~40 ms on one core), and each element-wise torch operation is one more pass over a
+13 MB matrix. These kernels, compiled by numba for the host CPU (vectorised 64-bit
+multiplies), do each phase of the step in one pass over the users x items data, with
+wrapping 64-bit integer arithmetic (LLVM's add and mul wrap; ``tests/test_ring.py``
+checks every kernel against torch's int64 results on full-range random inputs).
+
+Arguments are int64 numpy views of torch tensors (``tensor.numpy()``, shared memory).
+The compiled loops do not check bounds, so the wrappers check every shape first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise ValueError(f"ring kernel: {what}")
+
+
+def _int64(*arrays: np.ndarray) -> None:
+    _require(all(a.dtype == np.int64 for a in arrays), "every argument must be int64")
+
+
+@njit(cache=True, boundscheck=False, nogil=True)
+def _masked_scores(c, left, right, user_offset, item_offset, mask_b):
+    n, width = left.shape
+    items = right.shape[1]
+    for i in range(n):
+        row = c[i]
+        for l in range(items):
+            row[l] += user_offset[i] + item_offset[l] - mask_b[i, l]
+        for k in range(width):
+            x = left[i, k]
+            r = right[k]
+            for l in range(items):
+                row[l] += x * r[l]
+
+
+def masked_scores(c: np.ndarray, left: np.ndarray, right: np.ndarray, user_offset: np.ndarray,
+                  item_offset: np.ndarray, mask_b: np.ndarray) -> None:
+    """c += left @ right + user_offset[:, None] + item_offset[None, :] - mask_b, in place.
+
+    left: n x w, right: w x I (w small: both halves of a Beaver matmul side by side).
+    """
+    _int64(c, left, right, user_offset, item_offset, mask_b)
+    n, items = c.shape
+    _require(left.shape == (n, right.shape[0]) and right.shape[1] == items, "score shapes differ")
+    _require(user_offset.shape == (n,) and item_offset.shape == (items,) and mask_b.shape == c.shape,
+             "offset or mask shapes differ")
+    _masked_scores(c, left, right, user_offset, item_offset, mask_b)
+
+
+@njit(cache=True, boundscheck=False, nogil=True)
+def _masked_error(c, opened_mask, b, opened_x, a, ratings, error_a, add_public, masked, row_sums, column_sums):
+    n, items = c.shape
+    for i in range(n):
+        total = np.int64(0)
+        for l in range(items):
+            d = opened_x[i, l]
+            factor = b[i, l] + d if add_public else b[i, l]
+            e = c[i, l] + opened_mask[i, l] * factor + a[i, l] * d - ratings[i, l]
+            c[i, l] = e
+            masked[i, l] = e - error_a[i, l]
+            total += e
+            column_sums[l] += e
+        row_sums[i] = total
+
+
+def masked_error(c: np.ndarray, opened_mask: np.ndarray, b: np.ndarray, opened_x: np.ndarray, a: np.ndarray,
+                 ratings: np.ndarray, error_a: np.ndarray, add_public: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """E = c + D_M (b + D_X) + A D_X - R (D_M D_X only where ``add_public``), in place in c.
+
+    Beaver's recombination of M * X for the kept mask (D_M = M - A, D_X = X - b opened),
+    less the ratings. Returns E - error_a (for the next opening) and E's row and column sums.
+    """
+    arrays = (c, opened_mask, b, opened_x, a, ratings, error_a)
+    _int64(*arrays)
+    _require(all(x.shape == c.shape for x in arrays), "users x items shapes differ")
+    n, items = c.shape
+    masked, row_sums, column_sums = np.empty_like(c), np.zeros(n, np.int64), np.zeros(items, np.int64)
+    _masked_error(c, opened_mask, b, opened_x, a, ratings, error_a, add_public, masked, row_sums, column_sums)
+    return masked, row_sums, column_sums
+
+
+@njit(cache=True, boundscheck=False, nogil=True)
+def _error_products(opened, a, left_q, right_q, left_p, right_p, with_p, out_q, out_p):
+    n, items = opened.shape
+    width, width_p = out_q.shape[1], out_p.shape[1]
+    for i in range(n):
+        acc = np.zeros(width, np.int64)
+        for l in range(items):
+            x = opened[i, l]
+            y = a[i, l]
+            for k in range(width):
+                acc[k] += x * left_q[l, k] + y * right_q[l, k]
+            if with_p:
+                for k in range(width_p):
+                    out_p[l, k] += x * left_p[i, k] + y * right_p[i, k]
+        for k in range(width):
+            out_q[i, k] += acc[k]
+
+
+def error_products(opened: np.ndarray, a: np.ndarray, left_q: np.ndarray, right_q: np.ndarray, out_q: np.ndarray,
+                   left_p: np.ndarray | None = None, right_p: np.ndarray | None = None,
+                   out_p: np.ndarray | None = None) -> None:
+    """out_q += D @ left_q + A @ right_q and (if given) out_p += D^T @ left_p + A^T @ right_p.
+
+    One pass over the two n x I matrices D (opened) and A (this party's mask share) serves
+    both products of the error triple.
+    """
+    n, items = opened.shape
+    _int64(opened, a, left_q, right_q, out_q)
+    _require(a.shape == opened.shape, "mask and opened shapes differ")
+    width = out_q.shape[1]
+    _require(out_q.shape == (n, width) and left_q.shape == right_q.shape == (items, width), "E Q shapes differ")
+    with_p = out_p is not None
+    if with_p:
+        _int64(left_p, right_p, out_p)
+        width_p = out_p.shape[1]
+        _require(out_p.shape == (items, width_p) and left_p.shape == right_p.shape == (n, width_p),
+                 "E^T P shapes differ")
+    else:
+        left_p = right_p = out_p = np.zeros((1, 1), np.int64)
+    _error_products(opened, a, left_q, right_q, left_p, right_p, with_p, out_q, out_p)
