@@ -70,3 +70,14 @@ def test_mismatched_shapes_are_refused_before_the_compiled_loop(generator):
                             np.zeros((8, 4), np.int64))
     with pytest.raises(ValueError, match="users x items shapes differ"):
         ring.masked_error(*(np.zeros((3, 4), np.int64) for _ in range(6)), np.zeros((4, 3), np.int64), True)
+
+
+def test_the_dealers_products_wrap_like_torch(generator):
+    left, right = _ring(generator, 6, 4), _ring(generator, 4, 9)
+    assert torch.equal(torch.from_numpy(ring.wide_product(left.numpy(), right.numpy())), left.matmul(right))
+    a, right_q, right_p = _ring(generator, 6, 9), _ring(generator, 9, 3), _ring(generator, 6, 2)
+    q_only = ring.mask_products(a.numpy(), right_q.numpy())
+    both = ring.mask_products(a.numpy(), right_q.numpy(), right_p.numpy())
+    assert len(q_only) == 1 and torch.equal(torch.from_numpy(q_only[0]), a.matmul(right_q))
+    assert torch.equal(torch.from_numpy(both[0]), a.matmul(right_q))
+    assert torch.equal(torch.from_numpy(both[1]), a.t().matmul(right_p))

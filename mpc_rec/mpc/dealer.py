@@ -23,6 +23,8 @@ from typing import Any
 import torch
 
 from mpc_rec.errors import PeerError
+from mpc_rec.mpc import ring
+from mpc_rec.mpc.prg import random_ring_elements
 
 # Bound the dealer's work per request: a party (rank 0) asks, the dealer obeys only sizes
 # it can serve in memory. 2^28 int64 elements = 2 GiB.
@@ -56,8 +58,26 @@ def make_server_class() -> type:
     class FusedDealer(TTPServer):
         _kept_mask: torch.Tensor | None = None
 
+        def _get_additive_PRSS(self, size: Any, remove_rank: bool = False) -> torch.Tensor:
+            """The sum of every party's draw (rank 0's left out with remove_rank), summed in place."""
+            generators = self._get_generators(device=self.device)[1 if remove_rank else 0:]
+            total = random_ring_elements(size, generator=generators[0])
+            for generator in generators[1:]:
+                total += random_ring_elements(size, generator=generator)
+            return total
+
         def _share_zero_for_rank0(self, value: torch.Tensor) -> torch.Tensor:
-            return value - self._get_additive_PRSS(value.size(), remove_rank=True)
+            value -= self._get_additive_PRSS(value.size(), remove_rank=True)
+            return value
+
+        def additive(self, size0: Any, size1: Any, op: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+            """CrypTen's triple request; the users x items matmul of P Q^T runs in a ring kernel."""
+            if op != "matmul" or len(size0) != 2 or len(size1) != 2 or args or kwargs:
+                return super().additive(size0, size1, op, *args, **kwargs)
+            _elements([size0[0], size1[1]])
+            a = self._get_additive_PRSS(size0)
+            b = self._get_additive_PRSS(size1)
+            return self._share_zero_for_rank0(torch.from_numpy(ring.wide_product(a.numpy(), b.numpy())))
 
         def mf_mask_setup(self, shape: list[int]) -> torch.Tensor:
             _elements(shape)
@@ -86,7 +106,10 @@ def make_server_class() -> type:
                 _elements(b_shape)
             a = self._get_additive_PRSS(torch.Size([n, i]))
             bs = [self._get_additive_PRSS(torch.Size(b_shape)) for b_shape, _ in shapes]
-            products = [(a.t() if p[0] else a).matmul(b) for p, b in zip(partners, bs)]
+            if [p[0] for p in partners] in ([0], [0, 1]):  # the training step's E Q (and E^T P): one pass
+                products = [torch.from_numpy(c) for c in ring.mask_products(a.numpy(), *(b.numpy() for b in bs))]
+            else:
+                products = [(a.t() if p[0] else a).matmul(b) for p, b in zip(partners, bs)]
             return torch.cat([self._share_zero_for_rank0(c).flatten() for c in products])
 
     return FusedDealer

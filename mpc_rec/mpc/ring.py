@@ -127,3 +127,62 @@ def error_products(opened: np.ndarray, a: np.ndarray, left_q: np.ndarray, right_
     else:
         left_p = right_p = out_p = np.zeros((1, 1), np.int64)
     _error_products(opened, a, left_q, right_q, left_p, right_p, with_p, out_q, out_p)
+
+
+# --- the dealer's side: the same products on its plaintext randomness ---------------------
+
+
+@njit(cache=True, boundscheck=False, nogil=True)
+def _wide_product(left, right, out):
+    n, width = left.shape
+    items = right.shape[1]
+    for i in range(n):
+        row = out[i]
+        row[:] = 0
+        for k in range(width):
+            x = left[i, k]
+            r = right[k]
+            for l in range(items):
+                row[l] += x * r[l]
+
+
+def wide_product(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """left @ right for left n x w, right w x I with w small (P Q^T's triple)."""
+    _int64(left, right)
+    _require(left.shape[1] == right.shape[0], "product shapes differ")
+    out = np.empty((left.shape[0], right.shape[1]), np.int64)
+    _wide_product(left, right, out)
+    return out
+
+
+@njit(cache=True, boundscheck=False, nogil=True)
+def _mask_products(a, right_q, right_p, with_p, out_q, out_p):
+    n, items = a.shape
+    width, width_p = out_q.shape[1], out_p.shape[1]
+    for i in range(n):
+        acc = np.zeros(width, np.int64)
+        for l in range(items):
+            y = a[i, l]
+            for k in range(width):
+                acc[k] += y * right_q[l, k]
+            if with_p:
+                for k in range(width_p):
+                    out_p[l, k] += y * right_p[i, k]
+        for k in range(width):
+            out_q[i, k] = acc[k]
+
+
+def mask_products(a: np.ndarray, right_q: np.ndarray, right_p: np.ndarray | None = None) -> list[np.ndarray]:
+    """[a @ right_q] or [a @ right_q, a^T @ right_p], in one pass over the n x I matrix a."""
+    n, items = a.shape
+    _int64(a, right_q)
+    _require(right_q.shape[0] == items, "A B shapes differ")
+    out_q = np.empty((n, right_q.shape[1]), np.int64)
+    if right_p is None:
+        _mask_products(a, right_q, np.zeros((1, 1), np.int64), False, out_q, np.zeros((1, 1), np.int64))
+        return [out_q]
+    _int64(right_p)
+    _require(right_p.shape[0] == n, "A^T B shapes differ")
+    out_p = np.zeros((items, right_p.shape[1]), np.int64)
+    _mask_products(a, right_q, right_p, True, out_q, out_p)
+    return [out_q, out_p]
