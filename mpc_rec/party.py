@@ -26,6 +26,7 @@ from mpc_rec.release import check_user_levels
 
 PROTOCOL_VERSION = 2
 NO_DP_REASON = "no-dp run: exact value, for benchmarking only"
+EXACT_RMSE_REASON = "benchmark_exact_rmse: the exact test MSE of the DP model, NOT covered by the DP guarantee"
 Reporter = Callable[[dict[str, Any]], None]
 
 
@@ -159,7 +160,7 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger
         report({"event": "scoring"})
         transcript.set_phase("evaluation")
         started = time.perf_counter()
-        mse = None
+        mse = exact_mse = None
         if evaluate:
             if ingested is None:
                 test_ratings, test_mask = local["test"]
@@ -174,6 +175,10 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger
                 tagged = noised(value, plan=plan, release="mean", index=0, aggregate="test MSE")
             with transcript.phase("evaluation-reveal"):
                 mse = float(open_to_all(tagged, name="test MSE", log=reveals))
+            if plan is not None and config.privacy.benchmark_exact_rmse:
+                exact = declare_public(secure_mse(state, data.mean, shared_test, shared_test_mask), reason=EXACT_RMSE_REASON)
+                with transcript.phase("evaluation-reveal"):
+                    exact_mse = float(open_to_all(exact, name="exact test MSE (benchmarking)", log=reveals))
         timings["evaluation_s"] = time.perf_counter() - started
         started = time.perf_counter()
         my_top = np.zeros((len(local["users"]), 0))
@@ -202,6 +207,7 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger
             "report": ingested.report,  # the aggregator's only
         },
         "rmse_secure": None if mse is None else float(np.sqrt(max(mse, 0.0))),
+        "rmse_exact_unprotected": None if exact_mse is None else float(np.sqrt(max(exact_mse, 0.0))),
         "privacy": _privacy_record(config, plan, ledger),
         "reveals": log_entries(reveals),
         "timing": timings,
@@ -237,6 +243,8 @@ def _privacy_record(config: PartyConfig, plan: Any, ledger: str | None) -> dict[
         "global_mean": "public midpoint of the rating scale (no budget)",
         "item_penalty_weight": config.privacy.item_weight,
         "item_step": config.privacy.item_step,
+        "benchmark_exact_rmse": ("the exact test RMSE was revealed too: NOT covered by the DP guarantee"
+                                 if config.privacy.benchmark_exact_rmse else False),
         "dataset": config.privacy.dataset,
         "ledger_digest": ledger,
         "plan": plan.to_dict(),

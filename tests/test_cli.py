@@ -49,14 +49,19 @@ def test_dp_run_reports_privacy_and_books_the_ledger(small_data, tmp_path):
     ledger = tmp_path / "ledger"
     args = ["run", "--parties", "2", "--data", str(small_data), "--epochs", "3", "--top-k", "2",
             "--epsilon", "3", "--ledger-dir", str(ledger), "--budget-epsilon", "5"]
-    first = run_cli(*args, "--out", str(tmp_path / "a"))
+    first = run_cli(*args, "--out", str(tmp_path / "a"), "--benchmark-exact-rmse")
     assert first.returncode == 0, first.stderr
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     privacy = summary["privacy"]
     assert privacy["mode"] == "dp" and privacy["epsilon"] <= 3.0 + 1e-9 and privacy["delta"] == 1e-5
-    assert privacy["sigma_total"] > 0 and privacy["clipping"]["step"] == 0.1
+    assert privacy["sigma_total"] > 0 and privacy["clipping"]["step"] == 0.3  # the DP schedule at epsilon 3
     assert "all but" in privacy["trust"] or "at least 1" in privacy["trust"]
-    assert {r["tag"] for r in summary["reveals"]} == {"Noised"}
+    # every reveal is noised, except the exact metric this benchmarking flag asked for, labelled as such
+    exact = [r for r in summary["reveals"] if r["tag"] == "DeclaredPublic"]
+    assert len(exact) == 1 and "NOT covered by the DP guarantee" in exact[0]["reason"]
+    assert {r["tag"] for r in summary["reveals"]} == {"Noised", "DeclaredPublic"}
+    assert 0 < summary["metrics"]["rmse_exact_unprotected"] != summary["metrics"]["rmse_secure"]
+    assert "NOT covered" in privacy["benchmark_exact_rmse"] and "NOT DP" in first.stdout
     assert sorted(p.name for p in ledger.iterdir() if p.suffix == ".json") == ["party-0.json", "party-1.json"]
     # a second run of epsilon 3 would exceed the total of 5: refused before any data is read
     second = run_cli(*args, "--out", str(tmp_path / "b"))

@@ -66,3 +66,19 @@ def test_crypten_imports_through_the_shim():
     assert import_crypten() is crypten
     stand_in = sys.modules.get("torch.onnx._internal.registration")
     assert stand_in is not None  # torch 2.13 lacks it; the shim must have provided it
+
+
+def test_dp_defaults_follow_the_public_schedule_unless_set():
+    from mpc_rec.cli import run
+    from mpc_rec.launch import RunOptions
+
+    def options(*args):
+        return RunOptions.from_cli(run.make_context("run", list(args)).params)
+
+    small = options("--epsilon", "1")
+    assert (small.train.epochs, small.train.momentum) == (10, 0.5)
+    assert (small.privacy["clip_step"], small.privacy["item_step"]) == (0.1, 1.0)
+    large = options("--epsilon", "8", "--epochs", "7", "--dp-clip", "0.2")
+    assert (large.train.epochs, large.privacy["clip_step"], large.privacy["item_step"]) == (7, 0.2, 3.0)
+    exact = options("--no-dp")
+    assert (exact.train.epochs, exact.train.momentum, exact.privacy) == (30, 0.9, None)
