@@ -388,7 +388,13 @@ plain = clipping.clip_scale(clipping.step_norm_squared(e_t, p_t), target)
 s = scale.get_plain_text().double()
 g = clipping.per_user_step_contributions(error, factors) * s.numpy()[:, None]
 q_ref, c_ref = clipping.clipped_step_aggregates(e_t, p_t, s)
+from mpc_rec.mpc.privacy import wide_inv_sqrt
+wide_x = torch.logspace(0, 18 * np.log10(2), 200, dtype=torch.float64)  # [1, 2^18]: y >= 2^-9 in 16-bit fixed point
+wide = wide_inv_sqrt(crypten.cryptensor(wide_x)).get_plain_text().double()
+beyond = wide_inv_sqrt(crypten.cryptensor(torch.tensor([2.0**22, 2.0**30, 1e12]))).get_plain_text()
 json.dump({
+    "wide_err": float((wide * wide_x.sqrt() - 1).abs().max()),
+    "wide_beyond": float(beyond.abs().max()),
     "scale_err": float((s - plain).abs().max()),
     "clipped": int((plain < 1).sum()),
     "max_norm": float(np.linalg.norm(g, axis=1).max()),
@@ -413,5 +419,7 @@ def test_clip_formulas_run_on_crypten_shares():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["clipped"] >= 5  # the check exercises real clipping
     assert result["scale_err"] < 5e-3  # CrypTen's inv_sqrt approximation
+    assert result["wide_err"] < 1e-2  # within ~one 2^-16 unit of y, which is 1/128 of y = 2^-9 at x = 2^18
+    assert result["wide_beyond"] < 1e-4  # out of range: zero, not a diverging iterate
     assert result["max_norm"] <= 2.0  # the hard bound holds despite it
     assert result["agg_err"] < 1e-2
