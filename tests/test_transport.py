@@ -75,9 +75,8 @@ def _connect_all(settings: list[TlsSettings], timeout_s: float = 5.0) -> list:
 
 def _close(results):
     for mesh in results:
-        if not isinstance(mesh, Exception):
-            for link in mesh.links.values():
-                link.sock.close()
+        if mesh is not None and not isinstance(mesh, Exception):
+            mesh.abort()
 
 
 def test_mutual_authentication_succeeds_and_carries_tensors(pilot):
@@ -160,9 +159,8 @@ def test_hostile_peer_is_rejected_without_executing_anything(pilot, tmp_path, ca
     }[case]
     honest, hostile = _connect_all(_settings(pilot), timeout_s=3.0)
     try:
-        link = hostile.links[0]
-        link.sock.setblocking(True)
-        link.sock.sendall(payload)
+        hostile.link(0).outbox.append(memoryview(payload))  # raw bytes, past the sender's own framing
+        hostile._wake()
         with pytest.raises(PeerError) as error:
             if receive == "tensor":
                 honest.receive_tensor(1, torch.empty(3, dtype=torch.int64))
