@@ -65,17 +65,21 @@ class Link:
         return self.sock.fileno()
 
     def queue(self, kind: int, payload: memoryview | bytes, dtype: torch.dtype | None = None,
-              shape: tuple[int, ...] = ()) -> None:
-        """Queue one message. Small payloads are copied; a large one is sent from the
-        caller's memory, which must stay unchanged until the outbox has drained."""
+              shape: tuple[int, ...] = ()) -> bool:
+        """Queue one message; True when it borrows the caller's memory (a large tensor),
+        which must then stay unchanged until the outbox has drained. Small payloads are
+        copied; bytes cannot change."""
         if self.closed is not None:
             raise PeerError(f"lost contact with {self.name}: {self.closed}")
         header = framing.encode_header(kind, len(payload), dtype, shape)
-        if len(payload) <= _SMALL:
-            self.outbox.append(memoryview(header + bytes(payload)))
-            return
+        if len(payload) <= _SMALL or isinstance(payload, bytes):
+            self.outbox.append(memoryview(header + bytes(payload)) if len(payload) <= _SMALL else memoryview(header))
+            if len(payload) > _SMALL:
+                self.outbox.extend(memoryview(payload)[start:start + _CHUNK] for start in range(0, len(payload), _CHUNK))
+            return False
         chunks = [memoryview(header)] + [payload[start:start + _CHUNK] for start in range(0, len(payload), _CHUNK)]
         self.outbox.extend(chunks)
+        return True
 
     def write(self) -> bool:
         """Send what the socket takes now; True once the outbox is empty."""
@@ -149,6 +153,7 @@ class Mesh:
         self._changed = threading.Condition()  # guards inboxes and failure; signals every event
         self._failure: PeerError | None = None  # a hostile peer: fatal for the whole run
         self._stopping = False
+        self._borrowing: set[int] = set()  # peers with queued messages that borrow the caller's memory
         self._wake_reader, self._wake_writer = socket.socketpair()
         for end in (self._wake_reader, self._wake_writer):
             end.setblocking(False)
@@ -179,11 +184,18 @@ class Mesh:
     def queue(self, dst: int, kind: int, payload: memoryview | bytes, dtype: torch.dtype | None = None,
               shape: tuple[int, ...] = ()) -> None:
         self._raise_failure()
-        self.link(dst).queue(kind, payload, dtype, shape)
+        if self.link(dst).queue(kind, payload, dtype, shape):
+            self._borrowing.add(dst)
         self._wake()
 
     def flush(self, dst: int) -> None:
-        """Wait until everything queued for dst has been handed to TLS and the kernel."""
+        """Return once nothing queued for dst borrows the caller's memory any more.
+
+        A copied message needs no wait (the I/O thread sends it; a failure surfaces at
+        the next wait on that peer); a borrowed one waits until handed to TLS and the kernel.
+        """
+        if dst not in self._borrowing:
+            return
         link = self.link(dst)
 
         def sent() -> bool:
@@ -194,6 +206,7 @@ class Mesh:
             return False
 
         self._wait(sent, link)
+        self._borrowing.discard(dst)
 
     def receive(self, src: int, kind: int) -> Any:
         link = self.link(src)
