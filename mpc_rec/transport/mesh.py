@@ -486,7 +486,12 @@ def _accept(listener: socket.socket, context: ssl.SSLContext, settings: TlsSetti
     raw.settimeout(timeout_s)
     _tuned(raw)
     try:
-        sock = context.wrap_socket(raw, server_side=True)
+        sock = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        try:
+            sock.do_handshake()
+        except ssl.SSLError:
+            _linger(sock)
+            raise
         hello = _read_hello(sock, where)
         rank = hello["rank"]
         if not me.rank < rank < len(settings.peers) or rank in links:
@@ -507,6 +512,21 @@ def _accept(listener: socket.socket, context: ssl.SSLContext, settings: TlsSetti
         raw.close()
         raise
     return Link(sock, peer, settings.max_message_bytes)
+
+
+def _linger(sock: ssl.SSLSocket) -> None:
+    """After refusing a handshake, let the peer read the alert before the connection goes.
+
+    Closing with the peer's bytes still unread makes the kernel reset the connection,
+    and the peer may then lose the alert that says why it was refused."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(1.0)
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
+    sock.close()
 
 
 def _reason(exc: ssl.SSLError) -> str:
