@@ -75,9 +75,8 @@ def _connect_all(settings: list[TlsSettings], timeout_s: float = 5.0) -> list:
 
 def _close(results):
     for mesh in results:
-        if not isinstance(mesh, Exception):
-            for link in mesh.links.values():
-                link.sock.close()
+        if mesh is not None and not isinstance(mesh, Exception):
+            mesh.abort()
 
 
 def test_mutual_authentication_succeeds_and_carries_tensors(pilot):
@@ -160,9 +159,8 @@ def test_hostile_peer_is_rejected_without_executing_anything(pilot, tmp_path, ca
     }[case]
     honest, hostile = _connect_all(_settings(pilot), timeout_s=3.0)
     try:
-        link = hostile.links[0]
-        link.sock.setblocking(True)
-        link.sock.sendall(payload)
+        hostile.link(0).outbox.append(memoryview(payload))  # raw bytes, past the sender's own framing
+        hostile._wake()
         with pytest.raises(PeerError) as error:
             if receive == "tensor":
                 honest.receive_tensor(1, torch.empty(3, dtype=torch.int64))
@@ -172,6 +170,90 @@ def test_hostile_peer_is_rejected_without_executing_anything(pilot, tmp_path, ca
         assert not marker.exists()
     finally:
         _close([honest, hostile])
+
+
+def test_a_peer_that_stalls_mid_transfer_is_detected_within_the_bounded_wait(pilot):
+    honest, stalling = _connect_all(_settings(pilot), timeout_s=1.5)
+    try:  # a valid header announcing 8 MB, then 1 MB of it, then silence
+        stalling.link(0).outbox.append(memoryview(_header(1, 1, (1 << 20,), 8 << 20) + bytes(1 << 20)))
+        stalling._wake()
+        started = time.monotonic()
+        with pytest.raises(PeerError, match="lost contact with party-1: nothing received or sent for 1.5 s"):
+            honest.receive_tensor(1, torch.empty(1 << 20, dtype=torch.int64))
+        assert time.monotonic() - started < 1.5 + 5  # bounded: the wait ended, it did not hang
+    finally:
+        _close([honest, stalling])
+
+
+def test_a_large_send_completes_while_the_receiver_computes(pilot):
+    """24 MB (more than the kernel buffers hold) to a party whose main thread is busy
+    elsewhere: the send completes anyway, because the receiver's I/O thread drains it."""
+    meshes = _connect_all(_settings(pilot), timeout_s=20.0)
+    assert not any(isinstance(m, Exception) for m in meshes), meshes
+    big = torch.arange(3_000_000, dtype=torch.int64)
+    sent = threading.Event()
+    outcome = {}
+
+    def sender():
+        try:
+            meshes[0].send_tensor(big, 1)  # returns once the bytes have left
+            sent.set()
+        except PeerError as exc:
+            outcome["sender"] = exc
+
+    thread = threading.Thread(target=sender)
+    try:
+        thread.start()
+        # The receiver asks for the data only after the send completed (or gave up).
+        completed = sent.wait(25)
+        assert completed, f"the send waited for the receiver's main thread: {outcome}"
+        assert torch.equal(meshes[1].receive_tensor(0, big), big)
+        thread.join(10)
+    finally:
+        _close(meshes)
+
+
+def test_all_reduce_of_large_tensors_in_parts_among_three_parties(pilot):
+    """Large tensors travel as reduce-scatter + all-gather: same sums (and identical float
+    bits) at every party, and the bytes and rounds CrypTen counts are unchanged."""
+    from mpc_rec.transport.communicator import TlsCommunicator
+
+    peers = tuple(PeerAddress(r, n, "127.0.0.1", free_port()) for r, n in enumerate(NAMES))
+    settings = [TlsSettings(pilot["pilot"] / "ca.pem", pilot["pilot"] / f"{n}.pem", pilot["pilot"] / f"{n}.key", peers)
+                for n in NAMES]
+    inputs = [[torch.arange(200_001, dtype=torch.int64) * (r + 1), torch.full((5,), r + 1, dtype=torch.int64),
+               torch.rand(300, 1001, generator=torch.Generator().manual_seed(r), dtype=torch.float64)]
+              for r in range(3)]
+    results: dict = {}
+
+    def party(rank):
+        try:
+            comm = TlsCommunicator(rank, 3, False, settings[rank], 20.0)
+            summed = comm.all_reduce([t.clone() for t in inputs[rank]], batched=True)
+            xored = comm.all_reduce(inputs[rank][0].clone(), op=torch.distributed.ReduceOp.BXOR)
+            results[rank] = (summed, xored, comm.get_communication_stats())
+            comm.mesh.close()
+        except Exception as exc:  # reported below
+            results[rank] = exc
+
+    import crypten
+
+    threads = [threading.Thread(target=party, args=(r,)) for r in range(3)]
+    with crypten.cfg.temp_override({"communicator.verbose": True}):  # CrypTen counts only when verbose
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert all(isinstance(results.get(r), tuple) for r in range(3)), results
+    expected_xor = inputs[0][0] ^ inputs[1][0] ^ inputs[2][0]
+    for rank in range(3):
+        summed, xored, stats = results[rank]
+        assert torch.equal(summed[0], inputs[0][0] * 6) and torch.equal(summed[1], torch.full((5,), 6))
+        assert torch.equal(summed[2].view(torch.int64), results[0][0][2].view(torch.int64))  # same bits everywhere
+        assert torch.allclose(summed[2], inputs[0][2] + inputs[1][2] + inputs[2][2])
+        assert torch.equal(xored, expected_xor)
+        elements = sum(t.numel() for t in inputs[rank]) + inputs[rank][0].numel()
+        assert stats["rounds"] == 2 and stats["bytes"] == 2 * elements * 8  # what CrypTen counts over gloo
 
 
 def test_dealer_serves_only_listed_functions_with_bounded_sizes():

@@ -24,7 +24,7 @@ from mpc_rec.config import read_toml
 from mpc_rec.data import dense_matrices, load_ratings, read_catalogue, sort_ids
 from mpc_rec.errors import ConfigError, InputError, PeerError
 from mpc_rec.ingest.codes import IngestSpec, contributor_vector, encode_rows
-from mpc_rec.ingest.transport import request
+from mpc_rec.ingest.transport import ChannelTls, request
 from mpc_rec.paillier.contributor import make_contribution
 from mpc_rec.paillier.errors import RejectedContribution
 from mpc_rec.paillier.keys import generate_keypair, load_public_key
@@ -33,7 +33,7 @@ FAULTS = ("drop", "replay", "wrong-key", "malformed", "oversized", "nan")
 _SCHEMA = {
     "contributor": {"id": str, "round": int, "workers": int},
     "data": {"train": str, "test": str, "catalogue": str, "rating_min": (int, float), "rating_max": (int, float)},
-    "aggregator": {"address": str, "wait_s": (int, float)},
+    "aggregator": {"address": str, "wait_s": (int, float), "ca": str, "name": str},
     "key": {"public_key": str, "fingerprint": str, "stat_bits": int},
     "simulate": {"fault": str},
 }
@@ -54,6 +54,7 @@ class ContributorConfig:
     stat_bits: int = 40
     workers: int | None = None
     fault: str | None = None
+    tls: ChannelTls | None = None  # [aggregator] ca and name: the channel runs over TLS (pilot CA)
 
 
 def load_contributor_config(path: str | os.PathLike[str]) -> ContributorConfig:
@@ -75,14 +76,33 @@ def load_contributor_config(path: str | os.PathLike[str]) -> ContributorConfig:
     if fault is not None and fault not in FAULTS:
         raise ConfigError(f"{path}: simulate.fault must be one of {', '.join(FAULTS)}, got '{fault}'")
     resolve = lambda value: None if value is None else (path.parent / value).resolve()  # noqa: E731
+    if (get("aggregator", "ca") is None) != (get("aggregator", "name") is None):
+        raise ConfigError(f"{path}: aggregator.ca and aggregator.name go together (TLS to the aggregator)")
+    tls = None if get("aggregator", "ca") is None else _aggregator_tls(resolve(get("aggregator", "ca")),
+                                                                       get("aggregator", "name"), path)
     return ContributorConfig(
         id=get("contributor", "id"), round=get("contributor", "round", 0), train=resolve(get("data", "train")),
         test=resolve(get("data", "test")), catalogue=resolve(get("data", "catalogue")),
         rating_range=(float(get("data", "rating_min", 1.0)), float(get("data", "rating_max", 5.0))),
         address=get("aggregator", "address"), wait_s=float(get("aggregator", "wait_s", 600.0)),
         public_key=resolve(get("key", "public_key")), fingerprint=get("key", "fingerprint"),
-        stat_bits=get("key", "stat_bits", 40), workers=get("contributor", "workers"), fault=fault,
+        stat_bits=get("key", "stat_bits", 40), workers=get("contributor", "workers"), fault=fault, tls=tls,
     )
+
+
+def _aggregator_tls(ca: Path, name: str, path: Path) -> ChannelTls:
+    """TLS 1.3 that authenticates the aggregator (pilot CA, and its name); contributors
+    hold no pilot certificate of their own."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False  # the name is checked against the certificate instead
+    try:
+        context.load_verify_locations(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{path}: aggregator.ca {ca}: cannot load the pilot CA certificate: {exc}") from None
+    return ChannelTls(context, aggregator=name)
 
 
 def run_contributor(config: ContributorConfig) -> dict[str, Any]:
@@ -99,7 +119,7 @@ def run_contributor(config: ContributorConfig) -> dict[str, Any]:
     body = message.to_bytes()
     if config.fault == "malformed":
         body = body.replace(b'"ciphertexts":["', b'"ciphertexts":["zz', 1)
-    reply, _ = request(config.address, {"kind": "contribution"}, body, wait_s=config.wait_s)
+    reply, _ = request(config.address, {"kind": "contribution"}, body, wait_s=config.wait_s, tls=config.tls)
     if reply.get("status") != "accepted":
         reason = str(reply.get("reason", "no reason given"))
         _withdraw(config, f"refused by the aggregator: {reason}")
@@ -107,7 +127,7 @@ def run_contributor(config: ContributorConfig) -> dict[str, Any]:
     result = {"contributor": config.id, "status": "accepted", "ciphertexts": len(message.ciphertexts),
               "bytes": len(body), "encrypt_s": encrypt_s}
     if config.fault == "replay":
-        again, _ = request(config.address, {"kind": "contribution"}, body, wait_s=config.wait_s)
+        again, _ = request(config.address, {"kind": "contribution"}, body, wait_s=config.wait_s, tls=config.tls)
         result["replay"] = again.get("reason", again.get("status"))
     return result
 
@@ -142,6 +162,6 @@ def _withdraw(config: ContributorConfig, reason: str) -> None:
     """Tell the aggregator not to wait for this contributor (best effort)."""
     try:
         request(config.address, {"kind": "withdraw", "contributor": config.id, "round": config.round,
-                                 "reason": reason}, wait_s=min(config.wait_s, 30.0))
+                                 "reason": reason}, wait_s=min(config.wait_s, 30.0), tls=config.tls)
     except PeerError:
         pass  # the round still closes at its deadline

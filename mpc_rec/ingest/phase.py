@@ -25,7 +25,7 @@ import numpy as np
 from mpc_rec.errors import ConfigError, InputError, PeerError
 from mpc_rec.ingest.codes import IngestSpec, decode_in_mpc, joint_codes, padded_length
 from mpc_rec.ingest.round import IngestRound
-from mpc_rec.ingest.transport import Server, request
+from mpc_rec.ingest.transport import ChannelTls, Server, request
 from mpc_rec.paillier.errors import AggregationError, RejectedContribution
 from mpc_rec.paillier.keyholder import KeyHolder
 from mpc_rec.paillier.keys import load_private_key, load_public_key
@@ -98,15 +98,39 @@ def ingest_before_session(config: Any, n_items: int) -> Ingested:
     ingest: IngestConfig = config.ingest
     rank = config.endpoint.rank
     ingest.check_role(rank)
+    client, server = channel_tls(config.endpoint.tls)
     if rank == AGGREGATOR:
         waiting = config.endpoint.world_size - 2 + (config.endpoint.dealer == "ttp")  # others and the dealer
-        return _aggregate(ingest, config.rating_range, n_items, waiting_parties=waiting)
+        return _aggregate(ingest, config.rating_range, n_items, waiting_parties=waiting, tls=server)
     if rank == KEY_HOLDER:
-        return _decrypt(ingest, config.rating_range, n_items)
-    return _await_ready(ingest, rank)  # further compute parties and the dealer
+        return _decrypt(ingest, config.rating_range, n_items, tls=client)
+    return _await_ready(ingest, rank, tls=client)  # further compute parties and the dealer
 
 
-def _aggregate(ingest: IngestConfig, rating_range: tuple[float, float], n_items: int, *, waiting_parties: int) -> Ingested:
+def channel_tls(settings: Any) -> tuple[ChannelTls | None, ChannelTls | None]:
+    """(client, server) TLS of the ingest channel from the pilot's [tls] settings; None over gloo.
+
+    Clients check the aggregator's certificate against the pilot CA and the name at rank 1.
+    The aggregator asks for client certificates but cannot require them (contributors are
+    not pilot parties); the key holder's requests and "ready" need the certificate of the
+    party the configuration names for them.
+    """
+    import ssl
+
+    if settings is None:
+        return None, None
+    names = {peer.rank: peer.name for peer in settings.peers}
+    client = ChannelTls(settings.client_context(), aggregator=names[AGGREGATOR])
+    server_context = settings.server_context()
+    server_context.verify_mode = ssl.CERT_OPTIONAL  # a certificate, if presented, must still chain to the CA
+    key_holder = frozenset({names[KEY_HOLDER]})
+    others = frozenset(name for rank, name in names.items() if rank not in (KEY_HOLDER, AGGREGATOR))
+    return client, ChannelTls(server_context, party_kinds={"masked_sum": key_holder, "decrypted": key_holder,
+                                                           "ready": others})
+
+
+def _aggregate(ingest: IngestConfig, rating_range: tuple[float, float], n_items: int, *, waiting_parties: int,
+               tls: ChannelTls | None = None) -> Ingested:
     started = time.monotonic()
     public_key = load_public_key(ingest.public_key, expected_fingerprint=ingest.fingerprint)
     spec = IngestSpec.for_ratings(rating_range, key_bits=public_key.bits, stat_bits=ingest.stat_bits)
@@ -160,7 +184,7 @@ def _aggregate(ingest: IngestConfig, rating_range: tuple[float, float], n_items:
             return {"status": "ok", "rows": outcome["result"].report.rows}, None
         return {"status": "rejected", "reason": f"unknown request kind {str(kind)[:40]!r}"}, None
 
-    server = Server(ingest.address, handle, body_limit, io_timeout_s=ingest.wait_s)
+    server = Server(ingest.address, handle, body_limit, io_timeout_s=ingest.wait_s, tls=tls)
     try:
         while not round_.settled and time.monotonic() < round_.deadline:
             time.sleep(0.05)
@@ -191,14 +215,15 @@ def _aggregate(ingest: IngestConfig, rating_range: tuple[float, float], n_items:
                     time.monotonic() - started, report, spec)
 
 
-def _decrypt(ingest: IngestConfig, rating_range: tuple[float, float], n_items: int) -> Ingested:
+def _decrypt(ingest: IngestConfig, rating_range: tuple[float, float], n_items: int,
+             tls: ChannelTls | None = None) -> Ingested:
     started = time.monotonic()
     private_key = load_private_key(ingest.private_key)
     if private_key.public_key.fingerprint != ingest.fingerprint.lower():
         raise InputError(f"{ingest.private_key}: this key's fingerprint is not ingest.fingerprint")
     spec = IngestSpec.for_ratings(rating_range, key_bits=private_key.public_key.bits, stat_bits=ingest.stat_bits)
     reply, body = request(ingest.address, {"kind": "masked_sum", "round": ingest.round}, wait_s=ingest.wait_s,
-                          reply_limit=MAX_MESSAGE_BYTES)
+                          reply_limit=MAX_MESSAGE_BYTES, tls=tls)
     if reply.get("status") != "ok" or body is None:
         raise PeerError(f"ingest round {ingest.round} failed at the aggregator: {reply.get('reason', 'no masked sum')}")
     decrypt_started = time.monotonic()
@@ -210,16 +235,17 @@ def _decrypt(ingest: IngestConfig, rating_range: tuple[float, float], n_items: i
             raise AggregationError(f"masked vector has {share.length} values, the layout needs {expected}")
     except (AggregationError, PeerError) as exc:
         request(ingest.address, {"kind": "decrypted", "round": ingest.round, "ok": False, "reason": str(exc)},
-                wait_s=ingest.wait_s)
+                wait_s=ingest.wait_s, tls=tls)
         raise
-    request(ingest.address, {"kind": "decrypted", "round": ingest.round, "ok": True}, wait_s=ingest.wait_s)
+    request(ingest.address, {"kind": "decrypted", "round": ingest.round, "ok": True}, wait_s=ingest.wait_s, tls=tls)
     report = {"decrypt_s": time.monotonic() - decrypt_started, "ciphertexts": spec.chunks(share.length)}
     return Ingested(ingest.round, rows, share.length, share, time.monotonic() - started, report, spec)
 
 
-def _await_ready(ingest: IngestConfig, rank: int) -> Ingested:
+def _await_ready(ingest: IngestConfig, rank: int, tls: ChannelTls | None = None) -> Ingested:
     started = time.monotonic()
-    reply, _ = request(ingest.address, {"kind": "ready", "round": ingest.round, "rank": rank}, wait_s=ingest.wait_s)
+    reply, _ = request(ingest.address, {"kind": "ready", "round": ingest.round, "rank": rank}, wait_s=ingest.wait_s,
+                       tls=tls)
     if reply.get("status") != "ok":
         raise PeerError(f"ingest round {ingest.round} failed: {reply.get('reason', 'no answer')}")
     return Ingested(ingest.round, _rows(reply), 0, None, time.monotonic() - started)

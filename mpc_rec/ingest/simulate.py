@@ -72,8 +72,12 @@ class ContributorSimulation:
         wait_s = options.ingest_deadline_s + 3600.0
         registry = {"round": round_id, "contributors": [{"id": cid, "rows": len(users)} for cid, users in zip(ids, pieces)]}
         write_text_atomic(workdir / "ingest-registry.json", json.dumps(registry, indent=1) + "\n")
+        aggregator_tls: dict[str, str] = {}  # over TLS, contributors authenticate the aggregator too
         for party in parties:
             document = tomllib.loads(party.config.read_text(encoding="utf-8"))
+            if document.get("network", {}).get("transport") == "tls":
+                name = next(peer["name"] for peer in document["peer"] if peer["rank"] == 1)
+                aggregator_tls = {"ca": document["tls"]["ca"], "name": name}
             if document["party"]["role"] == "dealer":
                 document["ingest"] = {"address": address, "round": round_id, "deadline_s": options.ingest_deadline_s,
                                       "wait_s": wait_s}
@@ -103,7 +107,7 @@ class ContributorSimulation:
             document = {
                 "contributor": {"id": cid, "round": round_id, "workers": 1},  # the launcher runs one per core
                 "data": data,
-                "aggregator": {"address": address, "wait_s": wait_s},  # the aggregator may start late
+                "aggregator": {"address": address, "wait_s": wait_s, **aggregator_tls},  # it may start late
                 "key": {"public_key": "paillier-public.json", "fingerprint": public_key.fingerprint},
             }
             if cid in faults:

@@ -4,9 +4,15 @@ Every request is one connection: a header frame (a JSON object with "kind"), an
 optional body frame, then one reply (header frame, optional body frame). A frame is
 8 bytes of big-endian length and that many bytes. Nothing is pickled.
 
-Like the CrypTen transport, this channel is neither encrypted nor authenticated (see the
+With gloo (trusted networks) this channel is neither encrypted nor authenticated (see the
 protocol file): contributions are Paillier ciphertexts, but assumption 2 (the key holder
-never sees what contributors send to the aggregator) then rests on the network.
+never sees what contributors send to the aggregator) then rests on the network. With the
+TLS transport it runs over TLS 1.3 with the pilot's certificates (``ChannelTls``): every
+client checks that the aggregator's certificate chains to the pilot CA and names the
+aggregator; compute parties and the dealer present their own certificates, and the
+requests only they may make (``party_kinds``) are refused from anyone else. Contributors
+are not pilot parties: they connect without a certificate and may only contribute or
+withdraw.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ from __future__ import annotations
 import json
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mpc_rec.errors import ConfigError, PeerError
@@ -27,6 +35,24 @@ _LENGTH = struct.Struct(">Q")
 
 class FrameTooLarge(PeerError):
     pass
+
+
+@dataclass(frozen=True)
+class ChannelTls:
+    """TLS on the ingest channel. Client side: ``context`` verifies the server against the
+    pilot CA and ``aggregator`` is the name its certificate must carry. Server side:
+    ``context`` presents the aggregator's certificate; ``party_kinds`` maps each request
+    kind reserved to pilot parties to the names allowed to make it."""
+
+    context: ssl.SSLContext
+    aggregator: str = ""
+    party_kinds: dict[str, frozenset[str]] = field(default_factory=dict)
+
+
+def _names(sock: ssl.SSLSocket) -> set[str]:
+    from mpc_rec.transport.settings import certificate_names
+
+    return certificate_names(sock.getpeercert() or {})
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -76,7 +102,7 @@ def _header(raw: bytes) -> dict[str, Any]:
 
 
 def request(address: str, header: dict[str, Any], body: bytes | None = None, *, wait_s: float,
-            reply_limit: int = MAX_HEADER_BYTES) -> tuple[dict[str, Any], bytes | None]:
+            reply_limit: int = MAX_HEADER_BYTES, tls: ChannelTls | None = None) -> tuple[dict[str, Any], bytes | None]:
     """Send one request and return (reply header, reply body or None).
 
     Connecting is retried until ``wait_s`` has passed (the aggregator may not be up yet);
@@ -95,11 +121,18 @@ def request(address: str, header: dict[str, Any], body: bytes | None = None, *, 
     with sock:
         try:
             sock.settimeout(max(1.0, end - time.monotonic()))
+            if tls is not None:
+                sock = tls.context.wrap_socket(sock, server_side=False)
+                if tls.aggregator not in _names(sock):
+                    raise PeerError(f"the server at {address} is not '{tls.aggregator}': its certificate names "
+                                    f"{', '.join(sorted(_names(sock))) or 'nobody'}; refused")
             send_frame(sock, json.dumps({**header, "body": body is not None}).encode())
             if body is not None:
                 send_frame(sock, body)
             reply = _json_object(recv_frame(sock, MAX_HEADER_BYTES), "a reply")
             reply_body = recv_frame(sock, reply_limit) if reply.get("body") else None
+        except ssl.SSLError as exc:
+            raise PeerError(f"TLS with the aggregator at {address} failed: {exc.reason or exc}") from None
         except socket.timeout:
             raise PeerError(f"the aggregator at {address} did not answer within {wait_s:.0f} s") from None
         except OSError as exc:
@@ -118,7 +151,7 @@ class Server:
     """
 
     def __init__(self, address: str, handle: Handler, body_limit: Callable[[dict[str, Any]], int],
-                 io_timeout_s: float):
+                 io_timeout_s: float, tls: ChannelTls | None = None):
         outer = self
 
         class _Handler(socketserver.BaseRequestHandler):
@@ -126,13 +159,22 @@ class Server:
                 sock = self.request
                 sock.settimeout(io_timeout_s)
                 try:
+                    if tls is not None:
+                        sock = tls.context.wrap_socket(sock, server_side=True)
                     header = _header(recv_frame(sock, MAX_HEADER_BYTES))
-                    body = recv_frame(sock, body_limit(header)) if header.get("body") else None
-                    reply, reply_body = handle(header, body)
+                    allowed = tls.party_kinds.get(header["kind"]) if tls is not None else None
+                    if allowed is not None and not allowed & _names(sock):
+                        reason = (f"a '{header['kind'][:40]}' request needs the certificate of "
+                                  f"{' or '.join(sorted(allowed))}; refused")
+                        outer.refused.append(reason)
+                        reply, reply_body = {"status": "rejected", "reason": reason}, None
+                    else:
+                        body = recv_frame(sock, body_limit(header)) if header.get("body") else None
+                        reply, reply_body = handle(header, body)
                 except FrameTooLarge as exc:
                     reply, reply_body = {"status": "rejected", "reason": str(exc)}, None
                     outer.refused.append(str(exc))
-                except (PeerError, OSError) as exc:
+                except (PeerError, OSError) as exc:  # ssl.SSLError included: a failed handshake
                     outer.refused.append(str(exc))
                     return
                 try:

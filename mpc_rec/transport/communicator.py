@@ -31,6 +31,7 @@ from mpc_rec.transport.settings import TlsSettings
 crypten = import_crypten()
 from crypten.communicator.communicator import Communicator, _logging  # noqa: E402
 
+_SPLIT_BYTES = 1 << 20  # all_reduce cuts tensors from this size into one part per rank
 _pending: dict[str, Any] = {}  # CrypTen passes only rank and world size to initialize()
 
 
@@ -153,8 +154,7 @@ class TlsCommunicator(Communicator):
     @_logging
     def all_reduce(self, input: Any, op: Any = ReduceOp.SUM, batched: bool = False) -> Any:
         tensors = input if batched else [input]
-        gathered = self._exchange(tensors, self.main_group)
-        result = [_combine(op, [gathered[r][i] for r in self.main_group]) for i in range(len(tensors))]
+        result = self._all_reduce(tensors, op, self.main_group)
         return result if batched else result[0]
 
     @_logging
@@ -208,7 +208,7 @@ class TlsCommunicator(Communicator):
         if self.rank != src:
             return self.mesh.receive(src, framing.OBJECT)
         for dst in self._others(group):
-            self.mesh.link(dst).queue(framing.OBJECT, framing.encode_object(obj))
+            self.mesh.queue(dst, framing.OBJECT, framing.encode_object(obj))
         self._flush(group)
         return obj
 
@@ -261,6 +261,41 @@ class TlsCommunicator(Communicator):
         self._flush(group)
         gathered[self.rank] = list(tensors)
         return gathered
+
+    def _all_reduce(self, tensors: list[torch.Tensor], op: Any, group: tuple[int, ...]) -> list[torch.Tensor]:
+        """Sum (or XOR) over the group, each tensor in one network round or, if large, two.
+
+        A large tensor is cut into one part per rank; rank j reduces part j from everyone
+        and sends the result back to all (reduce-scatter, then all-gather, as gloo's ring
+        does): each party encrypts and sends 2(n-1)/n of the tensor instead of n-1 times
+        it. Each part is reduced once, in rank order, so every party holds the same bits.
+        """
+        others = self._others(group)
+        size = len(group)
+        parts: list[list[torch.Tensor] | None] = [
+            list(torch.tensor_split(t.detach().contiguous().reshape(-1), size))
+            if size > 2 and t.numel() * t.element_size() >= _SPLIT_BYTES else None for t in tensors]
+        index = {rank: position for position, rank in enumerate(group)}
+
+        def piece(i: int, rank: int) -> torch.Tensor:  # what goes to (or comes from) rank in step 1
+            pieces = parts[i]
+            return tensors[i] if pieces is None else pieces[index[rank]]
+
+        for dst in others:
+            for i in range(len(tensors)):
+                self.mesh.queue_tensor(piece(i, dst), dst)
+        received = {r: [self.mesh.receive_tensor(r, piece(i, self.rank)) for i in range(len(tensors))] for r in others}
+        received[self.rank] = [piece(i, self.rank) for i in range(len(tensors))]
+        reduced = [_combine(op, [received[r][i] for r in group]) for i in range(len(tensors))]
+        split = [i for i, pieces in enumerate(parts) if pieces is not None]
+        for dst in others:
+            for i in split:
+                self.mesh.queue_tensor(reduced[i], dst)
+        for i in split:
+            gathered = [reduced[i] if r == self.rank else self.mesh.receive_tensor(r, parts[i][index[r]]) for r in group]
+            reduced[i] = torch.cat(gathered).reshape(tensors[i].shape)
+        self._flush(group)  # the caller may reuse its tensors once this returns
+        return reduced
 
     # Uncounted exchanges of key material (gloo's seed exchange by torch.distributed is
     # not counted by CrypTen either).

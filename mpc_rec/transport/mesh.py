@@ -1,12 +1,15 @@
-"""A full mesh of mutually authenticated TLS 1.3 connections, driven from one thread.
+"""A full mesh of mutually authenticated TLS 1.3 connections, served by one I/O thread.
 
 Every pair of processes shares one connection: the higher rank connects to the lower,
 both present certificates from the pilot CA, and each side checks that the certificate
 it got carries the name the configuration puts at that rank. After set-up the sockets
-are non-blocking and one loop (``Mesh.pump``) moves bytes: while a party waits to send,
-it keeps reading whatever its peers send, so two parties sending large tensors to each
-other at once cannot deadlock, and an OpenSSL connection is never used by two threads.
-Every wait ends after ``timeout_s`` without progress with "lost contact with <name>".
+are non-blocking and belong to one I/O thread per process (``Mesh._serve``): it sends what
+the protocol queued and reads whatever peers send, into whole messages, while the main
+thread computes. So a peer's large send completes while this party is busy (as with
+gloo's own threads), two parties sending large tensors to each other cannot deadlock,
+and an OpenSSL connection is only ever touched by that one thread. The main thread waits
+on a condition; every wait ends after ``timeout_s`` without traffic on the connection it
+waits on with "lost contact with <name>".
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import collections
 import select
 import socket
 import ssl
+import threading
 import time
 from typing import Any, Callable
 
@@ -25,12 +29,17 @@ from mpc_rec.transport import framing
 from mpc_rec.transport.settings import PeerAddress, TlsSettings, certificate_names, fingerprint
 
 _CHUNK = 1 << 20  # bytes handed to one SSL write; keeps reading and writing interleaved
-_SMALL = 1 << 16  # messages up to this size go out as one buffer (one TLS record, one syscall)
+_SMALL = 1 << 16  # messages up to this size are copied into one buffer (one TLS record, one syscall)
 _MAX_WAITING = 100_000  # messages received but not yet asked for, per peer
+_SOCKET_BUFFER = 4 << 20  # kernel buffers: fewer wake-ups per large transfer on loaded machines
 
 
 class Link:
-    """One authenticated connection to one peer: an outbox and an inbox of whole messages."""
+    """One authenticated connection to one peer: an outbox and an inbox of whole messages.
+
+    Only the I/O thread reads and writes the socket; the main thread appends to the
+    outbox and takes from the inbox (the inbox under the mesh's lock).
+    """
 
     def __init__(self, sock: ssl.SSLSocket, peer: PeerAddress, max_bytes: int):
         self.sock = sock
@@ -41,6 +50,7 @@ class Link:
         self.outbox: collections.deque[memoryview] = collections.deque()
         self.closed: str | None = None  # why the connection ended, once it has
         self.said_goodbye = False
+        self.last_traffic = time.monotonic()  # bytes last moved either way
         self._header = bytearray(framing.HEADER_BYTES)
         self._current: framing.Header | None = None
         self._body: Any = None
@@ -55,56 +65,64 @@ class Link:
         return self.sock.fileno()
 
     def queue(self, kind: int, payload: memoryview | bytes, dtype: torch.dtype | None = None,
-              shape: tuple[int, ...] = ()) -> None:
+              shape: tuple[int, ...] = ()) -> bool:
+        """Queue one message; True when it borrows the caller's memory (a large tensor),
+        which must then stay unchanged until the outbox has drained. Small payloads are
+        copied; bytes cannot change."""
         if self.closed is not None:
             raise PeerError(f"lost contact with {self.name}: {self.closed}")
         header = framing.encode_header(kind, len(payload), dtype, shape)
-        if len(payload) <= _SMALL:
-            self.outbox.append(memoryview(header + bytes(payload)))
-            return
-        self.outbox.append(memoryview(header))
-        for start in range(0, len(payload), _CHUNK):
-            self.outbox.append(payload[start:start + _CHUNK])
+        if len(payload) <= _SMALL or isinstance(payload, bytes):
+            self.outbox.append(memoryview(header + bytes(payload)) if len(payload) <= _SMALL else memoryview(header))
+            if len(payload) > _SMALL:
+                self.outbox.extend(memoryview(payload)[start:start + _CHUNK] for start in range(0, len(payload), _CHUNK))
+            return False
+        chunks = [memoryview(header)] + [payload[start:start + _CHUNK] for start in range(0, len(payload), _CHUNK)]
+        self.outbox.extend(chunks)
+        return True
 
     def write(self) -> bool:
-        progressed = False
+        """Send what the socket takes now; True once the outbox is empty."""
         while self.outbox:
             chunk = self.outbox[0]
             try:
                 sent = self.sock.send(chunk)
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                return progressed
+                return False
             except (ssl.SSLError, OSError) as exc:
                 self.closed = f"connection failed while sending: {exc}"
-                raise PeerError(f"lost contact with {self.name}: {self.closed}") from None
-            progressed = True
+                return True
+            self.last_traffic = time.monotonic()
             if sent == len(chunk):
                 self.outbox.popleft()
             else:
                 self.outbox[0] = chunk[sent:]
-        return progressed
+        return True
 
-    def read(self) -> bool:
-        """Read all that is available; whole messages land in the inbox."""
-        progressed = False
+    def read(self) -> list[tuple[framing.Header, Any]]:
+        """Read all that is available; returns the messages completed (headers checked
+        before anything is allocated; a hostile header raises PeerError)."""
+        completed: list[tuple[framing.Header, Any]] = []
         while self.closed is None:
             try:
                 count = self.sock.recv_into(self._view[self._got:])
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                return progressed
+                return completed
             except (ssl.SSLError, OSError) as exc:
                 self.closed = f"connection failed: {exc}"
-                return True
+                return completed
             if count == 0:
                 self.closed = "the connection was closed"
-                return True
-            progressed = True
+                return completed
+            self.last_traffic = time.monotonic()
             self._got += count
             if self._got == len(self._view):
-                self._advance()
-        return progressed
+                message = self._advance()
+                if message is not None:
+                    completed.append(message)
+        return completed
 
-    def _advance(self) -> None:
+    def _advance(self) -> tuple[framing.Header, Any] | None:
         if self._current is None:  # a header is complete: check it before allocating anything
             header = framing.decode_header(self._header, sender=self.name, max_bytes=self.max_bytes)
             self._current = header
@@ -116,32 +134,39 @@ class Link:
                 target = memoryview(self._body)
             self._view, self._got = target, 0
             if header.length:
-                return
-        header, body = self._current, self._body
-        if header.kind == framing.BYE:
-            self.said_goodbye = True
-        else:
-            self.inbox.append((header, body))
-            self.inbox_bytes += header.length
-            # A protocol step leaves a few messages waiting at most; a flood is hostile.
-            if self.inbox_bytes > 2 * self.max_bytes or len(self.inbox) > _MAX_WAITING:
-                raise PeerError(f"{self.name} sent more unrequested data than any protocol step needs")
+                return None
+        message = (self._current, self._body)
         self._current, self._body, self._view, self._got = None, None, memoryview(self._header), 0
+        if message[0].kind == framing.BYE:
+            self.said_goodbye = True
+            return None
+        return message
 
 
 class Mesh:
-    """All links of this process, and the one loop that services them."""
+    """All links of this process, the I/O thread that services them, and the waits on it."""
 
     def __init__(self, rank: int, links: dict[int, Link], timeout_s: float):
         self.rank = rank
         self.links = links
         self.timeout_s = timeout_s
+        self._changed = threading.Condition()  # guards inboxes and failure; signals every event
+        self._failure: PeerError | None = None  # a hostile peer: fatal for the whole run
+        self._stopping = False
+        self._borrowing: set[int] = set()  # peers with queued messages that borrow the caller's memory
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        for end in (self._wake_reader, self._wake_writer):
+            end.setblocking(False)
+        self._thread = threading.Thread(target=self._serve, name=f"mpc-rec-tls-rank{rank}", daemon=True)
+        self._thread.start()
 
     def link(self, rank: int) -> Link:
         try:
             return self.links[rank]
         except KeyError:
             raise ValueError(f"rank {rank} is not a peer of rank {self.rank}") from None
+
+    # --- main thread: queue, wait, take -------------------------------------------------------
 
     def send_tensor(self, tensor: torch.Tensor, dst: int) -> None:
         self.queue_tensor(tensor, dst)
@@ -150,15 +175,38 @@ class Mesh:
     def queue_tensor(self, tensor: torch.Tensor, dst: int) -> None:
         data = tensor.detach().contiguous()
         payload = memoryview(data.numpy()).cast("B") if data.numel() else memoryview(b"")
-        self.link(dst).queue(framing.TENSOR, payload, data.dtype, tuple(data.shape))
+        self.queue(dst, framing.TENSOR, payload, data.dtype, tuple(data.shape))
 
     def send_object(self, value: Any, dst: int) -> None:
-        self.link(dst).queue(framing.OBJECT, framing.encode_object(value))
+        self.queue(dst, framing.OBJECT, framing.encode_object(value))
         self.flush(dst)
 
+    def queue(self, dst: int, kind: int, payload: memoryview | bytes, dtype: torch.dtype | None = None,
+              shape: tuple[int, ...] = ()) -> None:
+        self._raise_failure()
+        if self.link(dst).queue(kind, payload, dtype, shape):
+            self._borrowing.add(dst)
+        self._wake()
+
     def flush(self, dst: int) -> None:
+        """Return once nothing queued for dst borrows the caller's memory any more.
+
+        A copied message needs no wait (the I/O thread sends it; a failure surfaces at
+        the next wait on that peer); a borrowed one waits until handed to TLS and the kernel.
+        """
+        if dst not in self._borrowing:
+            return
         link = self.link(dst)
-        self.pump(lambda: not link.outbox, link)
+
+        def sent() -> bool:
+            if not link.outbox:
+                return True
+            if link.closed is not None:
+                raise PeerError(f"lost contact with {link.name}: {link.closed}")
+            return False
+
+        self._wait(sent, link)
+        self._borrowing.discard(dst)
 
     def receive(self, src: int, kind: int) -> Any:
         link = self.link(src)
@@ -171,9 +219,10 @@ class Mesh:
                 raise PeerError(f"lost contact with {link.name}: {reason}")
             return False
 
-        self.pump(arrived, link)
-        header, body = link.inbox.popleft()
-        link.inbox_bytes -= header.length
+        self._wait(arrived, link)
+        with self._changed:
+            header, body = link.inbox.popleft()
+            link.inbox_bytes -= header.length
         if header.kind != kind:
             raise PeerError(f"{link.name} sent a {framing.KIND_NAMES[header.kind]} where a "
                             f"{framing.KIND_NAMES[kind]} was expected")
@@ -183,30 +232,89 @@ class Mesh:
         received = self.receive(src, framing.TENSOR)
         return framing.expect_tensor(received, like, sender=self.link(src).name)
 
-    def pump(self, done: Callable[[], bool], waiting_on: Link) -> None:
-        """Move bytes on every link until done(); give up after timeout_s without progress.
+    def _wait(self, done: Callable[[], bool], waiting_on: Link) -> None:
+        """Until done(); PeerError after timeout_s in which no byte moved to or from waiting_on."""
+        started = time.monotonic()
+        with self._changed:
+            while True:
+                self._raise_failure()
+                if done():
+                    return
+                quiet_since = max(started, waiting_on.last_traffic)
+                remaining = quiet_since + self.timeout_s - time.monotonic()
+                if remaining <= 0:
+                    raise PeerError(f"lost contact with {waiting_on.name}: nothing received or sent "
+                                    f"for {self.timeout_s:g} s")
+                self._changed.wait(min(remaining, 1.0))
 
-        Only links that select() reports ready are touched (plus those with decrypted
-        bytes already inside OpenSSL, which select cannot see): trying idle sockets costs
-        an exception per attempt, which dominated the cost of bulk transfers.
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise PeerError(str(self._failure))
+
+    def _wake(self) -> None:
+        try:
+            self._wake_writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or the mesh is closing
+
+    # --- the I/O thread -------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            while not self._stopping:
+                self._service()
+        except BaseException as exc:  # noqa: BLE001 - reported to the main thread, never lost
+            with self._changed:
+                if self._failure is None:
+                    self._failure = PeerError(f"the TLS I/O thread failed: {exc!r}")
+                self._changed.notify_all()
+
+    def _service(self) -> None:
+        """One pass: wait for a socket (or a wake-up), then move all the bytes that can move.
+
+        Only sockets select() reports ready are touched (plus those with decrypted bytes
+        already inside OpenSSL, which select cannot see): trying idle sockets costs an
+        exception per attempt, which dominated the cost of bulk transfers.
         """
-        last_progress = time.monotonic()
-        while not done():
-            readers = [link for link in self.links.values() if link.closed is None]
-            writers = [link for link in self.links.values() if link.outbox]
-            buffered = [link for link in readers if link.sock.pending()]
-            remaining = last_progress + self.timeout_s - time.monotonic()
-            if remaining <= 0:
-                raise PeerError(f"lost contact with {waiting_on.name}: nothing received or sent "
-                                f"for {self.timeout_s:g} s")
-            readable, writable, _ = select.select(readers, writers, [], 0 if buffered else min(remaining, 1.0))
-            progressed = False
-            for link in writable:
-                progressed |= link.write()
-            for link in set(readable) | set(buffered):
-                progressed |= link.read()
-            if progressed:
-                last_progress = time.monotonic()
+        open_links = [link for link in self.links.values() if link.closed is None]
+        writers = [link for link in open_links if link.outbox]
+        buffered = [link for link in open_links if link.sock.pending()]
+        readable, writable, _ = select.select([self._wake_reader, *open_links], writers, [], 0 if buffered else 1.0)
+        event = False
+        if self._wake_reader in readable:
+            try:
+                while self._wake_reader.recv(4096):
+                    pass
+            except BlockingIOError:
+                pass
+        for link in writable:
+            event |= link.write()
+        for link in set(readable) | set(buffered):
+            if link is self._wake_reader:
+                continue
+            try:
+                completed = link.read()
+            except PeerError as exc:  # a header no honest peer sends
+                link.closed = str(exc)
+                with self._changed:
+                    self._failure = self._failure or exc
+                event = True
+                continue
+            if completed:
+                with self._changed:
+                    link.inbox.extend(completed)
+                    link.inbox_bytes += sum(header.length for header, _ in completed)
+                    # A protocol step leaves a few messages waiting at most; a flood is hostile.
+                    if link.inbox_bytes > 2 * link.max_bytes or len(link.inbox) > _MAX_WAITING:
+                        link.closed = "it flooded this party"
+                        self._failure = self._failure or PeerError(
+                            f"{link.name} sent more unrequested data than any protocol step needs")
+            event |= bool(completed) or link.closed is not None or link.said_goodbye
+        if event:
+            with self._changed:
+                self._changed.notify_all()
+
+    # --- end of the run -------------------------------------------------------------------------
 
     def close(self) -> None:
         """Say goodbye, drain until every peer has too (or is gone), then close.
@@ -215,21 +323,33 @@ class Mesh:
         connection, which can destroy what the peer has not read yet; draining first
         avoids that, and lets each peer tell a finished run from a lost one.
         """
-        for link in self.links.values():
+        for rank, link in self.links.items():
             if link.closed is None:
                 try:
-                    link.queue(framing.BYE, b"")
+                    self.queue(rank, framing.BYE, b"")
                 except PeerError:
                     pass
-        open_links = lambda: [l for l in self.links.values() if l.closed is None and not l.said_goodbye]  # noqa: E731
-        try:
-            if self.links:
-                self.pump(lambda: not open_links() and not any(l.outbox for l in self.links.values()),
-                          next(iter(self.links.values())))
-        except PeerError:
-            pass  # the run's results are complete; a peer that vanished now changes nothing
+
+        def finished() -> bool:
+            return all((link.closed is not None or link.said_goodbye) and (link.closed is not None or not link.outbox)
+                       for link in self.links.values())
+
+        deadline = time.monotonic() + self.timeout_s
+        with self._changed:
+            while not finished() and self._failure is None and time.monotonic() < deadline:
+                self._changed.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+        self.abort()  # the run's results are complete; a peer that vanished now changes nothing
+
+    def abort(self) -> None:
+        """Stop the I/O thread and close every connection, without goodbyes."""
+        self._stopping = True
+        self._wake()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5.0)
         for link in self.links.values():
             link.sock.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
 
 
 # --- set-up -------------------------------------------------------------------------------
@@ -312,6 +432,8 @@ def _check_identity(sock: ssl.SSLSocket, expected: PeerAddress, where: str) -> N
 
 def _tuned(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # many small protocol rounds
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
 
 
 def _connect(context: ssl.SSLContext, settings: TlsSettings, me: PeerAddress, peer: PeerAddress,
@@ -364,7 +486,12 @@ def _accept(listener: socket.socket, context: ssl.SSLContext, settings: TlsSetti
     raw.settimeout(timeout_s)
     _tuned(raw)
     try:
-        sock = context.wrap_socket(raw, server_side=True)
+        sock = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        try:
+            sock.do_handshake()
+        except ssl.SSLError:
+            _linger(sock)
+            raise
         hello = _read_hello(sock, where)
         rank = hello["rank"]
         if not me.rank < rank < len(settings.peers) or rank in links:
@@ -385,6 +512,21 @@ def _accept(listener: socket.socket, context: ssl.SSLContext, settings: TlsSetti
         raw.close()
         raise
     return Link(sock, peer, settings.max_message_bytes)
+
+
+def _linger(sock: ssl.SSLSocket) -> None:
+    """After refusing a handshake, let the peer read the alert before the connection goes.
+
+    Closing with the peer's bytes still unread makes the kernel reset the connection,
+    and the peer may then lose the alert that says why it was refused."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(1.0)
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
+    sock.close()
 
 
 def _reason(exc: ssl.SSLError) -> str:
