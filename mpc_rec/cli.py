@@ -60,6 +60,7 @@ def main() -> None:
 @click.option("--ingest-deadline", type=click.FloatRange(1, 82800), default=1800.0, show_default=True, help="Seconds the aggregator accepts contributions (the round closes earlier once every contributor sent or withdrew).")
 @click.option("--insecure-1024-bit-key", is_flag=True, help="INSECURE: 1024-bit Paillier key for --contributors (fast tests only; default 2048).")
 @click.option("--contributor-faults", default=None, help="Simulate misbehaving contributors, e.g. 'c002:drop,c003:replay' (faults: drop, replay, wrong-key, malformed, oversized, nan).")
+@click.option("--save-shares", is_flag=True, help="Each party keeps its own shares of the trained model in its folder (model-shares.npz, never opened), for `mpc-rec recommend --refine`.")
 def run(**options: Any) -> None:
     """Run a complete local multi-party job: train, score, evaluate, summarise.
 
