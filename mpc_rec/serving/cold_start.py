@@ -252,3 +252,30 @@ def build_popularity(blocks: list[Ratings], cohort_of: dict[str, str], catalogue
 
 __all__ = ["CohortPlan", "Popularity", "bounded_counts", "build_popularity", "calibrate_cohort_plan",
            "load_popularity", "recommend_for_cohort", "write_popularity_atomic"]
+
+
+def build_from_files(data: Path, cohorts_path: Path, out: Path, *, parties: int, epsilon: float, delta: float,
+                     max_items: int, like: float, trusted_parties: int, ledger_dir: Path, seed: int = 0) -> str:
+    """``mpc-rec cold-start``: deal the users of ``data`` to local parties and publish the release at ``out``."""
+    from mpc_rec.data import load_ratings, partition_users, sort_ids
+    from mpc_rec.serving.local import read_cohorts
+
+    ratings = load_ratings(data)
+    cohorts_path = Path(cohorts_path)
+    if not cohorts_path.exists():
+        raise DataError(f"{cohorts_path}: cohorts file not found")
+    cohort_of = read_cohorts(cohorts_path)
+    missing = sorted(set(ratings.users) - set(cohort_of))
+    if missing:
+        raise DataError(f"{cohorts_path}: user {missing[0]!r} has no cohort ({len(missing)} users lack one)")
+    dataset = hashlib.sha256(Path(data).read_bytes()).hexdigest()
+    popularity, record = build_popularity(
+        partition_users(ratings, parties, seed=seed), cohort_of, sort_ids(set(ratings.items)), epsilon=epsilon,
+        delta=delta, max_items=max_items, like=like, trusted_parties=trusted_parties, ledger_dir=Path(ledger_dir),
+        dataset=dataset)
+    write_popularity_atomic(out, popularity)
+    plan = popularity.privacy["plan"]
+    return (f"cohort popularity: {len(popularity.cohorts)} cohorts x {len(popularity.item_ids)} items -> {out}; "
+            f"epsilon {plan['epsilon']:.4g}, delta {plan['delta']:g}, noise sigma {plan['derived']['sigma_total']:.3g} "
+            f"per count ({trusted_parties} honest part{'y' if trusted_parties == 1 else 'ies'}); booked in {ledger_dir}; "
+            f"MPC {record['seconds']:.2f} s")

@@ -6,6 +6,8 @@ Folder layout (every file is the holder's own; nothing here is sent anywhere)::
     controls.json    excluded items and forgotten users (mpc_rec.holder.Controls); optional
     cohorts.csv      user,cohort: each user's coarse public cohort, for cold start; optional
     embeddings.npz   compressed user vectors, refitted here whenever stale
+    serving.toml     the holder's settings: ``allow_refine = true`` lets its queries go to the
+                     compute parties for hybrid re-ranking (default: local only); optional
 
 A forgotten user, or one with no usable history, gets only cold-start recommendations.
 Items the user rated or hid are never returned.
@@ -29,7 +31,23 @@ from mpc_rec.serving.embeddings import (
 from mpc_rec.serving.explain import explain_items
 from mpc_rec.serving.index import build_index
 
-RATINGS, CONTROLS, COHORTS, EMBEDDINGS = "ratings.csv", "controls.json", "cohorts.csv", "embeddings.npz"
+RATINGS, CONTROLS, COHORTS, EMBEDDINGS, SETTINGS = (
+    "ratings.csv", "controls.json", "cohorts.csv", "embeddings.npz", "serving.toml")
+
+
+def allows_refinement(folder: Path) -> bool:
+    from mpc_rec.config import read_toml
+
+    path = folder / SETTINGS
+    if not path.exists():
+        return False
+    raw = read_toml(path)
+    unknown = set(raw) - {"allow_refine"}
+    if unknown:
+        raise InputError(f"{path}: unknown setting {sorted(unknown)[0]!r} (known: allow_refine)")
+    if not isinstance(raw.get("allow_refine", False), bool):
+        raise InputError(f"{path}: allow_refine must be true or false")
+    return raw.get("allow_refine", False)
 
 
 @dataclass(frozen=True)
@@ -89,6 +107,8 @@ def current_embeddings(folder: Path, release: ItemRelease, ratings, precision: s
 def recommend(release_path: Path, folder: Path, query: Query, note=lambda message: None) -> dict[str, Any]:
     if query.k < 1:
         raise InputError(f"--k must be at least 1, got {query.k}")
+    if query.refine is not None and not allows_refinement(folder):
+        raise InputError(f"{folder}: this holder does not allow refinement in MPC (set allow_refine = true in {SETTINGS})")
     release = load_release(release_path)
     controls = load_controls(folder / CONTROLS)
     raw = holder_ratings(folder)
@@ -153,3 +173,27 @@ def format_result(result: dict[str, Any]) -> str:
             line += f"  score {e['score']:.3f} = {e['baseline']:.3f} baseline + your items" + (f"; mostly {because}" if because else "")
         lines.append(line)
     return "\n".join(lines)
+
+
+def update_controls(folder: Path, *, exclude=(), include=(), forget=()) -> str:
+    """Apply users' requests to the holder's controls.json (written whole, atomically)."""
+    from mpc_rec.holder import Controls, write_controls_atomic
+
+    if not (exclude or include or forget):
+        raise InputError("nothing to change: give --exclude USER ITEM, --include USER ITEM or --forget USER")
+    raw = holder_ratings(folder)
+    known = set(raw.users) | set(read_cohorts(folder / COHORTS))
+    for user in [u for u, _ in exclude] + [u for u, _ in include] + list(forget):
+        if user not in known:
+            raise InputError(f"user {user!r} is not one of this holder's users (not in {RATINGS} or {COHORTS})")
+    controls = load_controls(folder / CONTROLS)
+    hidden = {user: set(items) for user, items in controls.exclude.items()}
+    for user, item in exclude:
+        hidden.setdefault(user, set()).add(item)
+    for user, item in include:
+        hidden.get(user, set()).discard(item)
+    updated = Controls({u: frozenset(i) for u, i in hidden.items() if i}, controls.forget | frozenset(forget))
+    write_controls_atomic(folder / CONTROLS, updated)
+    return (f"{folder / CONTROLS}: {sum(len(i) for i in updated.exclude.values())} excluded item(s) for "
+            f"{len(updated.exclude)} user(s), {len(updated.forget)} forgotten user(s); the next round and every "
+            "answer from now on apply them")
