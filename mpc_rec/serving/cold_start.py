@@ -213,10 +213,21 @@ def load_popularity(path) -> Popularity:
     return Popularity([str(c) for c in arrays["cohorts"]], [str(i) for i in arrays["item_ids"]], counts, privacy)
 
 
-def recommend_for_cohort(popularity: Popularity, cohort: str, k: int, hidden: set[str]) -> list[str]:
+# Post-processing of the release (free under DP): each cohort's noisy counts plus SHRINK
+# times the average cohort's. Noise is independent across cohorts, so the average is
+# G times less noisy; on ML-100K (scripts/bench_serving.py) equal weight beat both the
+# cohort alone and the global counts alone at epsilon 1 and 4.
+SHRINK = 1.0
+
+
+def cohort_scores(popularity: Popularity, cohort: str, shrink: float = SHRINK) -> np.ndarray:
     if cohort not in popularity.cohorts:
         raise InputError(f"cohort {cohort!r} is not in the popularity release (cohorts: {', '.join(popularity.cohorts)})")
-    row = popularity.counts[popularity.cohorts.index(cohort)]
+    return popularity.counts[popularity.cohorts.index(cohort)] + shrink * popularity.counts.mean(axis=0)
+
+
+def recommend_for_cohort(popularity: Popularity, cohort: str, k: int, hidden: set[str]) -> list[str]:
+    row = cohort_scores(popularity, cohort)
     order = np.lexsort((np.arange(len(row)), -row))  # by noisy count, ties by catalogue order
     return [popularity.item_ids[i] for i in order if popularity.item_ids[i] not in hidden][:k]
 
