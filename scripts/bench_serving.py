@@ -15,7 +15,7 @@ hybrid refinement in MPC, and cold-start recall on MovieLens 100K.
    C = --candidates local candidates to the top 10; seconds and bytes per query
    (session start-up reported apart: a serving session stays up between queries).
 4. Cold start: users split 80/20; the held-out users are "new". Noisy per-cohort
-   popularity in MPC (2 parties) from the other users at --epsilon; recall@10 of the
+   popularity in MPC (2 parties) from the other users at --epsilons; recall@10 of the
    held-out users' liked items (>= 4) against noisy global popularity (the same
    release summed over cohorts), exact global popularity and exact cohort popularity
    (both non-private references), and the shipped rule (cohort counts plus the average

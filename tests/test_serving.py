@@ -130,7 +130,7 @@ def test_recommend_controls_forget_and_cold_start_through_the_cli(holder):
 
 
 @pytest.mark.parametrize("case", ["unknown user", "malformed controls", "malformed release", "controls unknown user",
-                                  "refine not allowed"])
+                                  "refine not allowed", "refine without shares"])
 def test_bad_input_gives_one_line_and_exit_2(holder, tmp_path, case):
     root, folder, _ = holder
     if case == "unknown user":
@@ -148,8 +148,15 @@ def test_bad_input_gives_one_line_and_exit_2(holder, tmp_path, case):
         before = (folder / "controls.json").read_text() if (folder / "controls.json").exists() else None
         done = run_cli("controls", "--holder", str(folder), "--forget", "nobody")
         assert ((folder / "controls.json").read_text() if before is not None else None) == before
-    else:
+    elif case == "refine not allowed":
         done = recommend(root, folder, "u1", "--refine", str(tmp_path))
+    else:
+        allowed = tmp_path / "holder"
+        allowed.mkdir()
+        (allowed / "ratings.csv").write_text((folder / "ratings.csv").read_text())
+        (allowed / "serving.toml").write_text("allow_refine = true\n")
+        done = recommend(root, allowed, "u1", "--refine", str(tmp_path))
+        assert "--save-shares" in done.stderr
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mpc-rec: error:"), done.stderr

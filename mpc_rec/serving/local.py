@@ -164,6 +164,8 @@ def _cold_start(query: Query, cohorts: dict[str, str], release: ItemRelease, exc
 
 def format_result(result: dict[str, Any]) -> str:
     lines = [f"user {result['user']}: {result['source']}"]
+    if "refinement" in result and result.get("explanations"):
+        lines.append("(order: the shared model's, in MPC; scores and reasons: the released model's, computed here)")
     explained = {e["item"]: e for e in result.get("explanations", [])}
     for rank, item in enumerate(result["items"], start=1):
         line = f"{rank:3d}. {item}"
