@@ -6,8 +6,9 @@ in ``exclude`` (the user's rated items and the items the user hid).
 
 - ``ExactIndex``: one matrix-vector product and a partial sort (numpy, float64).
 - ``HnswIndex``: faiss's HNSW graph over (q_j, c_j) with inner product, queried with
-  (p_u, 1). Approximate: it over-fetches by the number of excluded items, filters, and
-  falls back to exact search when too few remain. faiss is optional (``pip install
+  (p_u, 1). Approximate: it over-fetches by the number of excluded items (widening the
+  search beam to match), filters, and falls back to exact search when too few remain
+  or the user excluded more than MAX_FETCH items. faiss is optional (``pip install
   faiss-cpu``); the benchmark (scripts/bench_serving.py) says when it pays.
 """
 
@@ -48,6 +49,7 @@ class ExactIndex:
 
 class HnswIndex:
     name = "hnsw"
+    MAX_FETCH = 4096  # beyond this a graph search costs about as much as the exact one
 
     def __init__(self, factors: np.ndarray, biases: np.ndarray, *, neighbours: int = 32, ef_construction: int = 80,
                  ef_search: int = 128):
@@ -55,11 +57,12 @@ class HnswIndex:
             import faiss
         except ImportError:
             raise ConfigError("the hnsw index needs faiss: pip install faiss-cpu==1.15.1") from None
+        self.faiss = faiss
+        self.ef_search = ef_search
         self.exact = ExactIndex(factors, biases)
         items = np.hstack([factors, np.asarray(biases)[:, None]]).astype(np.float32)
         self.index = faiss.IndexHNSWFlat(items.shape[1], neighbours, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = ef_construction
-        self.index.hnsw.efSearch = ef_search
         self.index.add(items)
 
     def __len__(self) -> int:
@@ -68,10 +71,11 @@ class HnswIndex:
     def top_k(self, user_factors: np.ndarray, k: int, exclude=()) -> np.ndarray:
         excluded = set(int(i) for i in exclude)
         fetch = k + len(excluded)
-        if fetch > self.index.hnsw.efSearch or fetch >= len(self):
+        if fetch > self.MAX_FETCH or 2 * fetch >= len(self):
             return self.exact.top_k(user_factors, k, np.fromiter(excluded, dtype=np.int64))
         query = np.append(np.asarray(user_factors, dtype=np.float32), np.float32(1.0))[None, :]
-        _, found = self.index.search(query, fetch)
+        beam = self.faiss.SearchParametersHNSW(efSearch=max(self.ef_search, fetch))
+        _, found = self.index.search(query, fetch, params=beam)
         kept = [int(i) for i in found[0] if i >= 0 and int(i) not in excluded]
         if len(kept) < k:
             return self.exact.top_k(user_factors, k, np.fromiter(excluded, dtype=np.int64))
