@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "ml-100k" / "ml-100k.inter"
 K = 10
+PARTS = ("compression", "matching", "cold_start", "refinement")
 
 from mpc_rec.data import load_ratings, partition_users, sort_ids, split_train_test  # noqa: E402
 from mpc_rec.holder import ItemRelease  # noqa: E402
@@ -218,7 +219,7 @@ def cold_start(ratings, epsilon: float, max_items: int, timestamps: dict[str, fl
     with tempfile.TemporaryDirectory() as ledger:
         popularity, record = build_popularity(partition_users(known, 2, seed=3), cohort_of, catalogue, epsilon=epsilon,
                                               delta=1e-5, max_items=max_items, like=4.0, trusted_parties=1,
-                                              ledger_dir=Path(ledger), dataset="0" * 64)
+                                              ledger_dir=Path(ledger), dataset="0" * 64, timeout_s=600)
     cohorts = popularity.cohorts
     exact = bounded_counts(known, cohort_of, cohorts, catalogue, max_items=max_items, like=4.0)
     raw_global = np.zeros(len(catalogue))
@@ -272,6 +273,7 @@ def main() -> None:
     parser.add_argument("--max-items", type=int, default=20)
     parser.add_argument("--queries", type=int, default=5)
     parser.add_argument("--candidates", type=int, default=50)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
     args = parser.parse_args()
     if not args.data.exists():
         sys.exit(f"bench_serving: {args.data} not found (pass --data)")
@@ -282,14 +284,18 @@ def main() -> None:
     release = ItemRelease(catalogue, state.item_factors.numpy(), state.item_bias.numpy(), mean, {"mode": "no-dp"})
     print(f"release: {len(catalogue)} items, K={release.factors.shape[1]}, trained in {time.perf_counter() - started:.1f} s", flush=True)
     figures = {"hnsw_library": "faiss-cpu " + __import__("faiss").__version__ if hnsw_available() else None}
-    figures["compression"] = compression(release, train, test)
-    print("compression:", json.dumps(figures["compression"]), flush=True)
-    figures["matching"] = matching(release, train, args.large_items, hnsw_available())
-    print("matching:", json.dumps(figures["matching"]), flush=True)
-    figures["cold_start"] = [cold_start(ratings, e, args.max_items, first_rating_times(args.data)) for e in args.epsilons]
-    print("cold start:", json.dumps(figures["cold_start"]), flush=True)
-    figures["refinement"] = refinement(train, args.queries, args.candidates)
-    print("refinement:", json.dumps({k: v for k, v in figures["refinement"].items() if k != "seconds_per_query"}), flush=True)
+    if "compression" in args.parts:
+        figures["compression"] = compression(release, train, test)
+        print("compression:", json.dumps(figures["compression"]), flush=True)
+    if "matching" in args.parts:
+        figures["matching"] = matching(release, train, args.large_items, hnsw_available())
+        print("matching:", json.dumps(figures["matching"]), flush=True)
+    if "cold_start" in args.parts:
+        figures["cold_start"] = [cold_start(ratings, e, args.max_items, first_rating_times(args.data)) for e in args.epsilons]
+        print("cold start:", json.dumps(figures["cold_start"]), flush=True)
+    if "refinement" in args.parts:
+        figures["refinement"] = refinement(train, args.queries, args.candidates)
+        print("refinement:", json.dumps({k: v for k, v in figures["refinement"].items() if k != "seconds_per_query"}), flush=True)
     print(json.dumps(figures))
 
 

@@ -234,7 +234,7 @@ def recommend_for_cohort(popularity: Popularity, cohort: str, k: int, hidden: se
 
 def build_popularity(blocks: list[Ratings], cohort_of: dict[str, str], catalogue: list[str], *, epsilon: float,
                      delta: float, max_items: int, like: float, trusted_parties: int, ledger_dir: Path, dataset: str,
-                     budget_epsilon: float = 50.0, timeout_s: float = 60.0) -> tuple[Popularity, dict[str, Any]]:
+                     budget_epsilon: float = 50.0, timeout_s: float = 120.0) -> tuple[Popularity, dict[str, Any]]:
     """Run the protocol with one local process per party (``blocks[r]``: party r's users only)."""
     from mpc_rec.serving.processes import run_session
 

@@ -34,7 +34,7 @@ def _main(endpoint: Endpoint, function: Callable, args: tuple, results: Any) -> 
         results.put((endpoint.rank, "error", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"))
 
 
-def run_session(function: Callable, per_party_args: Sequence[tuple], *, timeout_s: float = 60.0,
+def run_session(function: Callable, per_party_args: Sequence[tuple], *, timeout_s: float = 120.0,
                 wait_s: float = 600.0) -> list[Any]:
     """function(session, *per_party_args[r]) in each party process (plus the dealer); rank-ordered results."""
     world_size = len(per_party_args)

@@ -164,7 +164,7 @@ def find_holder(run_dir: Path, user: str) -> tuple[list[Path], int, dict[str, An
     raise InputError(f"user {user!r} is in no party's part of the shared model in {run_dir}")
 
 
-def refine_local(run_dir: Path, user: str, candidates: list[str], k: int, *, timeout_s: float = 60.0) -> tuple[list[str], dict[str, Any]]:
+def refine_local(run_dir: Path, user: str, candidates: list[str], k: int, *, timeout_s: float = 120.0) -> tuple[list[str], dict[str, Any]]:
     """Re-rank ``candidates`` for ``user`` with the parties' shares (one local process each)."""
     from mpc_rec.serving.processes import run_session
 
