@@ -172,10 +172,10 @@ def _share_and_refine(session, model, rows, users, catalogue, folder, queries, c
     return out
 
 
-def refinement(train, n_queries: int, n_candidates: int) -> dict:
+def refinement(trained, n_queries: int, n_candidates: int) -> dict:
     from mpc_rec.serving.processes import run_session
 
-    users, catalogue, state, mean = plaintext_model(train, TrainConfig(epochs=100, learning_rate=0.002))
+    users, catalogue, state, mean = trained
     model = {"user_factors": state.user_factors.numpy(), "item_factors": state.item_factors.numpy(),
              "user_bias": state.user_bias.numpy(), "item_bias": state.item_bias.numpy(), "mean": mean}
     half = len(users) // 2
@@ -280,7 +280,8 @@ def main() -> None:
     ratings = load_ratings(args.data)
     train, test = split_train_test(ratings, test_fraction=0.2, seed=0)
     started = time.perf_counter()
-    users, catalogue, state, mean = plaintext_model(train, TrainConfig(epochs=100, learning_rate=0.002))
+    trained = plaintext_model(train, TrainConfig(epochs=100, learning_rate=0.002))
+    users, catalogue, state, mean = trained
     release = ItemRelease(catalogue, state.item_factors.numpy(), state.item_bias.numpy(), mean, {"mode": "no-dp"})
     print(f"release: {len(catalogue)} items, K={release.factors.shape[1]}, trained in {time.perf_counter() - started:.1f} s", flush=True)
     figures = {"hnsw_library": "faiss-cpu " + __import__("faiss").__version__ if hnsw_available() else None}
@@ -294,7 +295,7 @@ def main() -> None:
         figures["cold_start"] = [cold_start(ratings, e, args.max_items, first_rating_times(args.data)) for e in args.epsilons]
         print("cold start:", json.dumps(figures["cold_start"]), flush=True)
     if "refinement" in args.parts:
-        figures["refinement"] = refinement(train, args.queries, args.candidates)
+        figures["refinement"] = refinement(trained, args.queries, args.candidates)
         print("refinement:", json.dumps({k: v for k, v in figures["refinement"].items() if k != "seconds_per_query"}), flush=True)
     print(json.dumps(figures))
 
