@@ -42,10 +42,14 @@ def test_exact_matching_equals_brute_force_and_skips_excluded():
     assert sorted(index.top_k(rng.normal(size=8), 10, np.arange(3, 400)).tolist()) == [0, 1, 2]
 
 
-def test_hnsw_index_finds_nearly_the_exact_top_k_and_never_excluded():
+def test_hnsw_index_finds_nearly_the_exact_top_k_and_never_excluded(tmp_path):
     pytest.importorskip("faiss", reason="faiss-cpu not installed (the hnsw index is optional)")
     release = random_release(n_items=3000)
-    exact, hnsw = ExactIndex(release.factors, release.biases), HnswIndex(release.factors, release.biases)
+    cache = tmp_path / "hnsw.faiss"
+    exact, hnsw = ExactIndex(release.factors, release.biases), HnswIndex(release.factors, release.biases, cache=cache)
+    reloaded = HnswIndex(release.factors, release.biases, cache=cache)  # read back, not rebuilt
+    probe = np.random.default_rng(9).normal(size=8)
+    assert cache.exists() and reloaded.top_k(probe, 10).tolist() == hnsw.top_k(probe, 10).tolist()
     rng = np.random.default_rng(2)
     hits = 0
     for _ in range(30):

@@ -14,6 +14,9 @@ in ``exclude`` (the user's rated items and the items the user hid).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
 from mpc_rec.errors import ConfigError
@@ -52,7 +55,7 @@ class HnswIndex:
     MAX_FETCH = 4096  # beyond this a graph search costs about as much as the exact one
 
     def __init__(self, factors: np.ndarray, biases: np.ndarray, *, neighbours: int = 32, ef_construction: int = 80,
-                 ef_search: int = 128):
+                 ef_search: int = 128, cache: Path | None = None):
         try:
             import faiss
         except ImportError:
@@ -60,10 +63,18 @@ class HnswIndex:
         self.faiss = faiss
         self.ef_search = ef_search
         self.exact = ExactIndex(factors, biases)
+        if cache is not None and cache.exists():  # built for this release before: building is the slow part
+            self.index = faiss.read_index(str(cache))
+            if self.index.ntotal == len(self.exact):
+                return
         items = np.hstack([factors, np.asarray(biases)[:, None]]).astype(np.float32)
         self.index = faiss.IndexHNSWFlat(items.shape[1], neighbours, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = ef_construction
         self.index.add(items)
+        if cache is not None:
+            staged = cache.with_name(f".{cache.name}.{os.getpid()}.part")
+            faiss.write_index(self.index, str(staged))
+            os.replace(staged, cache)
 
     def __len__(self) -> int:
         return len(self.exact)
@@ -85,7 +96,8 @@ class HnswIndex:
 INDEXES = {"exact": ExactIndex, "hnsw": HnswIndex}
 
 
-def build_index(kind: str, factors: np.ndarray, biases: np.ndarray):
+def build_index(kind: str, factors: np.ndarray, biases: np.ndarray, *, cache: Path | None = None):
+    """``cache``: where the HNSW graph of this release is kept between answers (unused by exact search)."""
     if kind not in INDEXES:
         raise ConfigError(f"unknown index {kind!r}; expected one of {sorted(INDEXES)}")
-    return INDEXES[kind](factors, biases)
+    return HnswIndex(factors, biases, cache=cache) if kind == "hnsw" else ExactIndex(factors, biases)

@@ -6,6 +6,7 @@ Folder layout (every file is the holder's own; nothing here is sent anywhere)::
     controls.json    excluded items and forgotten users (mpc_rec.holder.Controls); optional
     cohorts.csv      user,cohort: each user's coarse public cohort, for cold start; optional
     embeddings.npz   compressed user vectors, refitted here whenever stale
+    hnsw-*.faiss     the HNSW graph of one release (``--index hnsw``), built once
     serving.toml     the holder's settings: ``allow_refine = true`` lets its queries go to the
                      compute parties for hybrid re-ranking (default: local only); optional
 
@@ -129,7 +130,8 @@ def recommend(release_path: Path, folder: Path, query: Query, note=lambda messag
         return _cold_start(query, cohorts, release, rated | hidden if user not in controls.forget else hidden, why)
     embeddings = current_embeddings(folder, release, ratings, query.precision, note)
     vector = embeddings.vector(embeddings.row_of(user))
-    index = build_index(query.index, release.factors, release.biases)
+    index = build_index(query.index, release.factors, release.biases,
+                        cache=folder / f"hnsw-{embeddings.release[:16]}.faiss")
     exclude = np.fromiter(sorted(rated | hidden), dtype=np.int64)
     result: dict[str, Any] = {"user": user, "source": f"local ({index.name} index, {embeddings.precision} embedding)"}
     if query.refine is not None:
