@@ -61,6 +61,7 @@ def main() -> None:
 @click.option("--ingest-deadline", type=click.FloatRange(1, 82800), default=1800.0, show_default=True, help="Seconds the aggregator accepts contributions (the round closes earlier once every contributor sent or withdrew).")
 @click.option("--insecure-1024-bit-key", is_flag=True, help="INSECURE: 1024-bit Paillier key for --contributors (fast tests only; default 2048).")
 @click.option("--contributor-faults", default=None, help="Simulate misbehaving contributors, e.g. 'c002:drop,c003:replay' (faults: drop, replay, wrong-key, malformed, oversized, nan).")
+@click.option("--save-shares", is_flag=True, help="Each party keeps its own shares of the trained model in its folder (model-shares.npz, never opened), for `mpc-rec recommend --refine`.")
 def run(**options: Any) -> None:
     """Run a complete local multi-party job: train, score, evaluate, summarise.
 
@@ -210,3 +211,73 @@ def audit(**options: Any) -> None:
     click.echo(verdict_table(report))
     click.echo(f"audit: {'PASS' if report['passed'] else 'FAIL'}; report in {options['out'] / 'report.md'}")
     sys.exit(0 if report["passed"] else 4)
+
+
+@main.command(epilog=EXIT_CODES)
+@click.option("--release", "release_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The released item model (items.npz).")
+@click.option("--holder", required=True, type=click.Path(file_okay=False, path_type=Path), help="The holder's folder: ratings.csv, controls.json, cohorts.csv, serving.toml (protocols/serving.md).")
+@click.option("--user", required=True, help="The user asking.")
+@click.option("--k", type=click.IntRange(min=1), default=10, show_default=True, help="Items to recommend.")
+@click.option("--explain", is_flag=True, help="For each item: the score and the user's own rated items that drove it.")
+@click.option("--index", "index_kind", type=click.Choice(["exact", "hnsw"]), default="exact", show_default=True, help="Local search: exact (numpy) or HNSW (needs faiss-cpu; pays only for very large catalogues, see scripts/bench_serving.py).")
+@click.option("--precision", type=click.Choice(["int8", "float16", "float64"]), default="int8", show_default=True, help="How the holder stores its users' vectors.")
+@click.option("--refine", "refine_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run folder of a joint run with --save-shares: re-rank the local candidates in MPC with the shared model (needs allow_refine = true in the holder's serving.toml).")
+@click.option("--candidates", type=click.IntRange(min=1), default=50, show_default=True, help="Local candidates sent (secret-shared) to the refinement.")
+@click.option("--popularity", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Cold-start release (mpc-rec cold-start) for users with no history or forgotten.")
+@click.option("--cohort", default=None, help="A new user's cohort, when the holder's cohorts.csv does not list the user.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def recommend(release_path: Path, holder: Path, user: str, k: int, explain: bool, index_kind: str, precision: str,
+              refine_dir: Path | None, candidates: int, popularity: Path | None, cohort: str | None, as_json: bool) -> None:
+    """Top-k for one of a holder's users, computed on the holder's side (optionally refined in MPC)."""
+    from mpc_rec.serving.local import Query, format_result, recommend as recommend_for
+
+    try:
+        result = recommend_for(release_path, holder, Query(
+            user=user, k=k, explain=explain, index=index_kind, precision=precision, cohort=cohort,
+            popularity=popularity, refine=refine_dir, candidates=candidates), note=lambda m: click.echo(m, err=True))
+    except MpcRecError as exc:
+        _fail(exc)
+    click.echo(json.dumps(result) if as_json else format_result(result))
+
+
+@main.command(epilog=EXIT_CODES)
+@click.option("--holder", required=True, type=click.Path(file_okay=False, path_type=Path), help="The holder's folder (controls.json is written there).")
+@click.option("--exclude", nargs=2, multiple=True, metavar="USER ITEM", help="Keep ITEM out of USER's profile and lists (e.g. a gift). Repeatable.")
+@click.option("--include", nargs=2, multiple=True, metavar="USER ITEM", help="Undo an exclusion. Repeatable.")
+@click.option("--forget", multiple=True, metavar="USER", help="Delete USER's history from training and serving; cold start only from now on. Repeatable.")
+def controls(holder: Path, exclude: tuple, include: tuple, forget: tuple) -> None:
+    """Record users' wishes in the holder's controls.json (applied before every round and every answer)."""
+    from mpc_rec.serving.local import update_controls
+
+    try:
+        summary = update_controls(holder, exclude=exclude, include=include, forget=forget)
+    except MpcRecError as exc:
+        _fail(exc)
+    click.echo(summary)
+
+
+@main.command("cold-start", epilog=EXIT_CODES)
+@click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Ratings of all parties' users (dealt to --parties simulated parties; each sees only its own).")
+@click.option("--cohorts", "cohorts_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="CSV 'user,cohort': every user's coarse public cohort.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The noised popularity release to write (.npz).")
+@click.option("--parties", type=click.IntRange(2, 8), default=2, show_default=True, help="Compute parties.")
+@click.option("--epsilon", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="User-level epsilon of the release.")
+@click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-5, show_default=True, help="DP delta of the release.")
+@click.option("--max-items", type=click.IntRange(min=1), default=20, show_default=True, help="Liked items counted per user at most (bounds each user's contribution).")
+@click.option("--like", type=float, default=4.0, show_default=True, help="A rating at or above this counts as liked.")
+@click.option("--dp-trust", type=click.IntRange(min=1), default=1, show_default=True, help="Parties assumed honest; their noise alone carries the guarantee.")
+@click.option("--ledger-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("mpc-rec-ledger"), show_default=True, help="Privacy budget ledgers, one file per party.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for dealing users to parties.")
+def cold_start(data: Path, cohorts_path: Path, out: Path, parties: int, epsilon: float, delta: float, max_items: int,
+               like: float, dp_trust: int, ledger_dir: Path, seed: int) -> None:
+    """Noisy per-cohort popularity computed in MPC (for users with no history); only the noised counts are opened."""
+    from mpc_rec.serving.cold_start import build_from_files
+
+    try:
+        if dp_trust > parties:
+            raise InputError(f"--dp-trust must be between 1 and --parties ({parties})")
+        record = build_from_files(data, cohorts_path, out, parties=parties, epsilon=epsilon, delta=delta,
+                                  max_items=max_items, like=like, trusted_parties=dp_trust, ledger_dir=ledger_dir, seed=seed)
+    except MpcRecError as exc:
+        _fail(exc)
+    click.echo(record)

@@ -27,7 +27,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "dealer": {"kind": str},
     "data": {"train": str, "test": str, "catalogue": str, "rating_min": (int, float), "rating_max": (int, float)},
     "train": {f.name: (int, float) if f.type in ("float",) else int for f in fields(TrainConfig)},
-    "output": {"dir": str, "top_k": int},
+    "output": {"dir": str, "top_k": int, "save_shares": bool},
     "privacy": {
         "epsilon": (int, float), "delta": float, "trusted_parties": int, "clip_step": (int, float),
         "clip_eval": (int, float), "item_weight": (int, float), "item_step": (int, float), "dataset": str, "run_id": str,
@@ -100,6 +100,7 @@ class PartyConfig:
     ingest: Any = None  # mpc_rec.ingest.phase.IngestConfig: rows from contributors, not from [data] train
     transcript_dir: Path | None = None  # [audit]: record every received message there
     transcript_max_elements: int = 32_768
+    save_shares: bool = False  # keep this party's shares of the trained model for serving (mpc_rec/serving/refine.py)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -219,6 +220,7 @@ def parse_party_config(raw: dict[str, Any], *, base: Path) -> PartyConfig:
         rating_range=rating_range,
         output_dir=resolve(section("output").get("dir")),
         top_k=top_k,
+        save_shares=section("output").get("save_shares", False),
     )
 
 
@@ -238,7 +240,7 @@ def _check_schema(raw: dict[str, Any]) -> None:
 
 
 def dump_toml(document: dict[str, dict[str, Any]]) -> str:
-    """Our configs are flat tables of strings and numbers (a list of them: [[table]])."""
+    """Our configs are flat tables of strings, numbers and booleans (a list of them: [[table]])."""
     lines = []
     for table, values in document.items():
         for entry in values if isinstance(values, list) else [values]:

@@ -84,6 +84,7 @@ class RunOptions:
     paillier_bits: int = 2048
     contributor_faults: dict[str, str] | None = None  # simulated misbehaviour, contributor id -> fault
     transcript_dir: Path | None = None  # `mpc-rec audit`: parties record what they receive, logs kept there
+    save_shares: bool = False  # each party keeps its own shares of the trained model (serving: mpc_rec/serving/refine.py)
 
     @classmethod
     def from_cli(cls, options: dict[str, Any]) -> "RunOptions":
@@ -111,6 +112,7 @@ class RunOptions:
             progress=options["progress"], privacy=privacy, ledger_dir=options["ledger_dir"],
             transport=options.get("transport", "gloo"),
             release=release_options(options),
+            save_shares=bool(options.get("save_shares")),
             **_ingest_options(options),
         )
 
@@ -258,7 +260,8 @@ def write_deployment(options, workdir, staging, train, test, blocks, catalogue, 
             "data": {"train": f"{name}-train.csv", "test": f"{name}-test.csv", "catalogue": "catalogue.txt",
                      "rating_min": options.rating_range[0], "rating_max": options.rating_range[1]},
             "train": options.train.to_dict(),
-            "output": {"dir": str((staging / name).resolve()), "top_k": options.top_k},
+            "output": {"dir": str((staging / name).resolve()), "top_k": options.top_k,
+                       **({"save_shares": True} if options.save_shares else {})},
             **with_tls(name),
         }
         if options.privacy is not None:

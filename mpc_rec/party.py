@@ -154,6 +154,11 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger
         transcript.set_phase("training-epoch-1")
         state, epoch_seconds = train_secure(data, config.train, on_epoch, item_aggregates=hook)
         after_training = session.traffic()
+        model_shares = None
+        if config.save_shares:  # this party's own shares, kept for serving and never opened
+            from mpc_rec.serving.refine import model_shares_record
+
+            model_shares = model_shares_record(session, state, data.mean, rows)
         timings["secure_epoch_s"] = float(np.mean(epoch_seconds))
         timings["epoch_s"] = epoch_seconds
 
@@ -220,6 +225,7 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger
         },
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "top_indices": np.rint(my_top).astype(np.int64),
+        "model_shares": model_shares,
     }
 
 
@@ -275,6 +281,13 @@ def _write_outputs(config: PartyConfig, local: dict[str, Any], result: dict[str,
     if config.top_k:
         explained = explain(users, catalogue, local["ratings"], rated, shown)
         write_text_atomic(config.output_dir / "explanations.json", json.dumps(explained, indent=1) + "\n")
-    summary = {k: v for k, v in result.items() if k != "top_indices"}
+    if result["model_shares"] is not None:
+        from mpc_rec.serving.refine import SHARES_FILE, save_model_shares
+
+        shares = result["model_shares"]
+        save_model_shares(config.output_dir / SHARES_FILE, shares["arrays"], {
+            **shares["meta"], "users": users, "catalogue": catalogue,
+            "plan": None if result["privacy"]["mode"] == "no-dp" else result["privacy"]["plan"]})
+    summary = {k: v for k, v in result.items() if k not in ("top_indices", "model_shares")}
     summary["release"] = record
     write_text_atomic(config.output_dir / "party.json", json.dumps(summary, indent=2) + "\n")

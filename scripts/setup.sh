@@ -9,7 +9,7 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" torch==2.13.0
 # CrypTen's declared dependencies are broken on torch 2.13 (see pyproject.toml).
 "${pip[@]}" --no-deps crypten==0.4.1
-"${pip[@]}" -e ".[test,report]"
+"${pip[@]}" -e ".[test,report,ann]"
 .venv/bin/python -c "import mpc_rec.compat as c; c.import_crypten()" >/dev/null
 # Headless Chromium for the dashboard test (Debian's package); skipped where it is
 # present already or where apt-get is not available (the test then skips, saying why).
