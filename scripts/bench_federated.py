@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-federated-"))
+    out.mkdir(parents=True, exist_ok=True)
     ledger = out / "ledger"
     common = ["--parties", str(args.parties), "--budget-epsilon", "1000", "--ledger-dir", str(ledger), "--timeout", "120"]
     result: dict = {"ml100k": {}, "joint": {}, "holders": args.holders, "parties": args.parties, "rounds": args.rounds}

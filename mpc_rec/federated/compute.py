@@ -156,9 +156,36 @@ def privacy_record(config: ComputeConfig, plan: Any, ledger: str | None, *, roun
     }
 
 
-def run_compute(config: ComputeConfig) -> dict[str, Any]:
+def item_step_size(learning_rate: float, plan: Any) -> float:
+    """The item side's step: ``learning_rate`` divided by the noise multiplier z (when z > 1).
+
+    The noised gradient's noise is z times the largest clipped contribution, so a smaller
+    step averages it over rounds (measured on ML-100K, protocols/federated.md). z is public
+    (the plan), so this is post-processing and costs no budget.
+    """
+    return learning_rate if plan is None else learning_rate / max(1.0, plan.noise_multiplier)
+
+
+def reveal_round_total(total: Any, plan: Any, round_id: int, log: RevealLog) -> np.ndarray:
+    """Add this party's noise to its share of the round's total and open the noised sum.
+
+    The only opening of the federated mode; it goes through the reveal choke point
+    (``guard_reveal``) tagged as step ``round_id`` of the plan (``--no-dp``: declared public).
+    """
     from mpc_rec.mpc.privacy import add_own_noise
-    from mpc_rec.mpc.reveal import log_entries, open_to_all
+    from mpc_rec.mpc.reveal import open_ring_to_all
+
+    if plan is None:
+        tagged = declare_public(total, reason=NO_DP_REASON)
+    else:
+        tagged = noised(add_own_noise(total, plan, "step"), plan=plan, release="step", index=round_id,
+                        aggregate="federated item-side sum (clipped per user by holders)")
+    units = open_ring_to_all(tagged, name=f"round {round_id} item-side sum", log=log).numpy()
+    return units.astype(np.float64) / total.encoder._scale  # exact while |units| < 2^53
+
+
+def run_compute(config: ComputeConfig) -> dict[str, Any]:
+    from mpc_rec.mpc.reveal import log_entries
     from mpc_rec.mpc.session import Session
     from mpc_rec.mpc.sharing import agree
     from mpc_rec.paillier.party import aggregate_round_in_party
@@ -183,7 +210,7 @@ def run_compute(config: ComputeConfig) -> dict[str, Any]:
         key_holder = KeyHolder(private_key, spec)
     factors, biases = initial_items(len(catalogue), config.factors, scale=config.init_scale, seed=config.seed)
     mean = sum(config.rating_range) / 2
-    step = ItemStep(config.learning_rate, config.momentum, config.item_regularization)
+    step = ItemStep(item_step_size(config.learning_rate, plan), config.momentum, config.item_regularization)
     velocity = None
     reveals = RevealLog(plan_digest=None if plan is None else plan.digest())
     rounds: list[dict[str, Any]] = []
@@ -214,12 +241,7 @@ def run_compute(config: ComputeConfig) -> dict[str, Any]:
                 party_round = aggregate_round_in_party(
                     session, round_id=round_id, length=length, aggregator=aggregator, contributions=contributions,
                     deadline_s=config.deadline_s, expected=config.holders, key_holder=key_holder)
-                if plan is None:
-                    tagged = declare_public(party_round.tensor, reason=NO_DP_REASON)
-                else:
-                    tagged = noised(add_own_noise(party_round.tensor, plan, "step"), plan=plan, release="step",
-                                    index=round_id, aggregate="federated item-side sum (clipped per user by holders)")
-                total = open_to_all(tagged, name=f"round {round_id} item-side sum", log=reveals).numpy()
+                total = reveal_round_total(party_round.tensor, plan, round_id, reveals)
                 # Post-processing of the noised sum, in units of the clip bound (lr independent of C).
                 factors, biases, velocity = item_update(step, factors, biases, total / config.clip, velocity)
                 publish(round_id + 1)
@@ -244,6 +266,7 @@ def run_compute(config: ComputeConfig) -> dict[str, Any]:
         "role": "compute", "name": config.name, "rank": rank, "mode": "federated",
         "privacy": privacy_record(config, plan, ledger, rounds_done=config.rounds),
         "plan": None if plan is None else plan.to_dict(),
+        "item_step_size": step.learning_rate,
         "reveals": log_entries(reveals), "rounds": rounds,
         "refused": None if channel is None else channel.refused,  # the aggregator's only
         "traffic": {"bytes_sent": traffic["bytes"], "rounds": traffic["rounds"],

@@ -102,6 +102,7 @@ def run_holder(config: HolderConfig) -> dict[str, Any]:
     config.dir.mkdir(parents=True, exist_ok=True)
     public_key = load_public_key(config.public_key, expected_fingerprint=config.fingerprint)
     spec = packing_spec(public_key.bits, clip=config.clip, max_users=config.max_users, max_holders=config.max_holders)
+    load_controls(config.dir / "controls.json")  # a malformed file fails now, not after the first release
     users = _load(config)
     record: dict[str, Any] = {"holder": config.id, "users": int(len(users.ids)), "train_ratings": len(users.train),
                               "rounds": []}

@@ -36,7 +36,7 @@ from mpc_rec.launch import _Party, _wait_all, free_port
 from mpc_rec.mpc.session import THREADS_ENV
 from mpc_rec.paillier.keys import generate_keypair, save_private_key, save_public_key
 
-DEFAULTS = {"rounds": 5, "factors": 4, "learning_rate": 0.01, "momentum": 0.5, "regularization": 20.0,
+DEFAULTS = {"rounds": 5, "factors": 4, "learning_rate": 0.015, "momentum": 0.5, "regularization": 20.0,
             "item_regularization": 10.0, "init_scale": 0.1}
 
 
