@@ -285,3 +285,48 @@ def test_a_holder_sending_garbage_ends_the_run_with_one_line(tmp_path):
     _one_line_error(done, 3, "h002", "refused")
     assert not (tmp_path / "out" / "summary.json").exists()
     assert not list((tmp_path / "out").glob("party-*"))
+
+
+# --- the maths of a round ----------------------------------------------------------------
+
+
+def _random_ratings(rng, users, items, per_user):
+    user = np.repeat(np.arange(users), per_user)
+    item = np.concatenate([rng.choice(items, per_user, replace=False) for _ in range(users)])
+    return LocalRatings(user, item, rng.integers(1, 6, len(user)).astype(float), users)
+
+
+def test_one_user_moves_the_holder_sum_by_at_most_the_accounted_sensitivity():
+    rng = np.random.default_rng(4)
+    items, k, clip = 50, 3, 0.05
+    factors, biases = rng.normal(0, 2.0, (items, k)), rng.normal(0, 1.0, items)
+    base = _random_ratings(rng, 40, items, 12)
+    worst = 0.0
+    for trial in range(20):
+        # user 0's ratings replaced by anything (here: extreme values on other items, or none)
+        other = base.subset(base.user != 0)
+        if trial % 4:
+            extra = LocalRatings(np.zeros(30, dtype=np.int64), rng.choice(items, 30, replace=False),
+                                 rng.normal(0, 1e4, 30), 40)
+            other = LocalRatings(np.concatenate([other.user, extra.user]), np.concatenate([other.item, extra.item]),
+                                 np.concatenate([other.value, extra.value]), 40)
+        sums = []
+        for data in (base, other):
+            p, b = user_step(data, factors, biases, 3.0, 1.0)
+            p[0] *= 1 + 50 * trial  # any user-side state: only clipping bounds the contribution
+            sums.append(item_contribution(data, p, b, factors, biases, 3.0, clip).units)
+        worst = max(worst, np.linalg.norm((sums[0] - sums[1]).astype(float)))
+    assert clip * 2**16 < worst <= 2 * clip * 2**16  # users at the bound, never above 2C
+
+
+def test_user_step_is_each_users_ridge_solution():
+    rng = np.random.default_rng(6)
+    data = _random_ratings(rng, 5, 30, 8)
+    factors, biases = rng.normal(0, 1, (30, 4)), rng.normal(0, 0.5, 30)
+    p, b = user_step(data, factors, biases, 3.0, 2.0)
+    for u in range(5):
+        rows = data.user == u
+        x = np.concatenate([factors[data.item[rows]], np.ones((rows.sum(), 1))], axis=1)
+        y = data.value[rows] - 3.0 - biases[data.item[rows]]
+        w = np.linalg.solve(x.T @ x + 2.0 * np.eye(5), x.T @ y)
+        assert np.allclose(np.append(p[u], b[u]), w)

@@ -17,7 +17,6 @@ a masked sum (rank 0) or its own mask (rank 1), shares, and the noised total.
 from __future__ import annotations
 
 import json
-import resource
 import threading
 import time
 from typing import Any
@@ -29,7 +28,7 @@ from mpc_rec.data import read_catalogue
 from mpc_rec.dp.reveal import RevealLog, declare_public, noised
 from mpc_rec.errors import ConfigError, PeerError
 from mpc_rec.federated.config import ComputeConfig
-from mpc_rec.federated.holder import packing_spec
+from mpc_rec.federated.holder import packing_spec, peak_memory_mb
 from mpc_rec.federated.model import ItemStep, initial_items, item_update
 from mpc_rec.files import write_text_atomic
 from mpc_rec.holder import ItemRelease, write_release_atomic
@@ -38,6 +37,7 @@ from mpc_rec.paillier.aggregator import Aggregator
 from mpc_rec.paillier.errors import RejectedContribution
 from mpc_rec.paillier.keyholder import KeyHolder
 from mpc_rec.paillier.keys import load_private_key, load_public_key
+from mpc_rec.paillier.messages import Contribution
 
 KEY_HOLDER, AGGREGATOR = 0, 1
 NO_DP_REASON = "no-dp run: exact item-side sum, for benchmarking only"
@@ -85,8 +85,7 @@ class HolderChannel:
             except RejectedContribution as exc:
                 self.refused.append({"round": round_id, "holder": exc.contributor, "reason": exc.reason})
                 return {"status": "rejected", "reason": exc.reason}
-            who = self._probe._accepted[-1]
-            self._bodies[who] = bytes(body)
+            self._bodies[Contribution.from_bytes(body).contributor] = bytes(body)  # parsed and accepted above
             self._lock.notify_all()
         return {"status": "accepted"}
 
@@ -156,14 +155,15 @@ def privacy_record(config: ComputeConfig, plan: Any, ledger: str | None, *, roun
     }
 
 
-def item_step_size(learning_rate: float, plan: Any) -> float:
-    """The item side's step: ``learning_rate`` divided by the noise multiplier z (when z > 1).
+def item_step_size(learning_rate: float, gradient: np.ndarray) -> float:
+    """``learning_rate`` over max(1, RMS of the noised gradient in units of C).
 
-    The noised gradient's noise is z times the largest clipped contribution, so a smaller
-    step averages it over rounds (measured on ML-100K, protocols/federated.md). z is public
-    (the plan), so this is post-processing and costs no budget.
+    The sum grows with the number of users (a large data set would overshoot with a fixed
+    step) and with the noise (a small epsilon: a smaller step averages it over rounds);
+    dividing by the RMS of the released, noised gradient handles both. It is computed
+    from public values only: post-processing, no budget (protocols/federated.md).
     """
-    return learning_rate if plan is None else learning_rate / max(1.0, plan.noise_multiplier)
+    return learning_rate / max(1.0, float(np.sqrt(np.mean(np.square(gradient)))))
 
 
 def reveal_round_total(total: Any, plan: Any, round_id: int, log: RevealLog) -> np.ndarray:
@@ -210,7 +210,6 @@ def run_compute(config: ComputeConfig) -> dict[str, Any]:
         key_holder = KeyHolder(private_key, spec)
     factors, biases = initial_items(len(catalogue), config.factors, scale=config.init_scale, seed=config.seed)
     mean = sum(config.rating_range) / 2
-    step = ItemStep(item_step_size(config.learning_rate, plan), config.momentum, config.item_regularization)
     velocity = None
     reveals = RevealLog(plan_digest=None if plan is None else plan.digest())
     rounds: list[dict[str, Any]] = []
@@ -242,12 +241,15 @@ def run_compute(config: ComputeConfig) -> dict[str, Any]:
                     session, round_id=round_id, length=length, aggregator=aggregator, contributions=contributions,
                     deadline_s=config.deadline_s, expected=config.holders, key_holder=key_holder)
                 total = reveal_round_total(party_round.tensor, plan, round_id, reveals)
-                # Post-processing of the noised sum, in units of the clip bound (lr independent of C).
-                factors, biases, velocity = item_update(step, factors, biases, total / config.clip, velocity)
+                # Post-processing of the noised sum, in units of the clip bound.
+                gradient = total / config.clip
+                step = ItemStep(item_step_size(config.learning_rate, gradient), config.momentum,
+                                config.item_regularization)
+                factors, biases, velocity = item_update(step, factors, biases, gradient, velocity)
                 publish(round_id + 1)
                 traffic = session.traffic()
                 rounds.append({"round": round_id, "holders_aggregated": party_round.count,
-                               "wait_for_holders_s": collected - started,
+                                                      "wait_for_holders_s": collected - started,
                                "mpc_s": time.perf_counter() - collected,
                                "seconds": time.perf_counter() - started,
                                "mpc_bytes_sent": traffic["bytes"] - before["bytes"],
@@ -266,12 +268,11 @@ def run_compute(config: ComputeConfig) -> dict[str, Any]:
         "role": "compute", "name": config.name, "rank": rank, "mode": "federated",
         "privacy": privacy_record(config, plan, ledger, rounds_done=config.rounds),
         "plan": None if plan is None else plan.to_dict(),
-        "item_step_size": step.learning_rate,
         "reveals": log_entries(reveals), "rounds": rounds,
         "refused": None if channel is None else channel.refused,  # the aggregator's only
         "traffic": {"bytes_sent": traffic["bytes"], "rounds": traffic["rounds"],
                     "counted_by": "CrypTen communicator (elements x 8 bytes per send or collective)"},
-        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_memory_mb": peak_memory_mb(),
     }
     config.output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(config.output_dir / "party.json", json.dumps(result, indent=2) + "\n")

@@ -36,6 +36,22 @@ from mpc_rec.paillier.packing import PackingSpec
 POLL_S = 0.05
 
 
+def peak_memory_mb() -> float:
+    """This process's peak resident memory since it started (exec), in MiB.
+
+    ``ru_maxrss`` survives exec on Linux, so a process started by a large launcher would
+    report the launcher's peak; the kernel's VmHWM belongs to the new address space.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def packing_spec(key_bits: int, *, clip: float, max_users: int, max_holders: int) -> PackingSpec:
     """The round's packing: every coordinate of a holder's sum is at most max_users * C."""
     return PackingSpec.for_range(max_users * clip, key_bits=key_bits, max_contributors=max_holders)
@@ -146,7 +162,7 @@ def run_holder(config: HolderConfig) -> dict[str, Any]:
             "bytes_sent": 16 + len(json.dumps({**header, "body": True}).encode()) + len(body),
             "clipped_users": int((contribution.scales < 1).sum()),
         })
-    record["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record["peak_memory_mb"] = peak_memory_mb()
     write_text_atomic(config.dir / "holder.json", json.dumps(record, indent=1) + "\n")
     return record
 

@@ -31,12 +31,13 @@ from mpc_rec.config import dump_toml
 from mpc_rec.data import Ratings, load_ratings, split_train_test, synthetic_ratings, write_catalogue, write_ratings_csv
 from mpc_rec.errors import ConfigError, DataError
 from mpc_rec.federated.config import HOLDER_FAULTS
+from mpc_rec.federated.holder import peak_memory_mb
 from mpc_rec.files import write_text_atomic
 from mpc_rec.launch import _Party, _wait_all, free_port
 from mpc_rec.mpc.session import THREADS_ENV
 from mpc_rec.paillier.keys import generate_keypair, save_private_key, save_public_key
 
-DEFAULTS = {"rounds": 5, "factors": 4, "learning_rate": 0.015, "momentum": 0.5, "regularization": 20.0,
+DEFAULTS = {"rounds": 5, "factors": 4, "learning_rate": 0.03, "momentum": 0.5, "regularization": 20.0,
             "item_regularization": 10.0, "init_scale": 0.1}
 
 
@@ -271,6 +272,10 @@ def _run(processes: list[_Party], options: FederatedOptions) -> list[dict[str, A
             raise failure
         return [json.loads((p.staged / "party.json").read_text()) for p in processes if p.output is not None]
     finally:
+        for party in processes:  # e.g. after Ctrl-C: leave no process of this run behind
+            if party.process is not None and party.process.poll() is None:
+                party.process.kill()
+                party.process.wait()
         shutil.rmtree(logs, ignore_errors=True)
 
 
@@ -316,6 +321,7 @@ def _summarise(options, processes, results, holder_ids, holders_root, train, tes
         },
         "timing": {"round_s": round_s, "round_s_mean": float(np.mean(round_s)) if round_s else None,
                    "run_s": secure_s},
+        "launcher_peak_memory_mb": peak_memory_mb(),  # it loads and deals all data (the simulation harness)
         "holders": holder_rows,
         "parties": [{"name": r["name"], "rank": r["rank"], "bytes_sent": r["traffic"]["bytes_sent"],
                      "peak_memory_mb": r["peak_memory_mb"]} for r in results],
