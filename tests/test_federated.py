@@ -63,10 +63,11 @@ def test_federated_run_learns_with_dp_and_accounts_for_it(federated_run):
     assert math.isfinite(metrics["rmse"]) and metrics["rmse"] < metrics["rmse_item_mean_baseline"] - 0.02, metrics
     assert 0 < metrics["recall_at_10"] < 1 and metrics["recall_users"] > 500
     assert privacy["mode"] == "dp" and 0 < privacy["epsilon"] <= 8 and privacy["delta"] == 1e-5
-    assert privacy["rounds"] == 5 and privacy["noise_scale"] > 0 and privacy["clip"]["step"] == 0.1
+    assert privacy["rounds"] == 5 and privacy["sigma_total"] > 0 and privacy["clipping"]["step"] == 0.1
     assert privacy["mechanism"] == "distributed-discrete-gaussian" and "1 of the 2" in privacy["trust"]
     # the only openings: one noised item-side sum per round, each a different step of the plan
     assert [(r["tag"], r["release"], r["index"]) for r in summary["reveals"]] == [("Noised", "step", i) for i in range(5)]
+    assert [r["holders_aggregated"] for r in summary["rounds"]] == [3] * 5
     for rank in range(2):  # each compute party booked the run's epsilon before the first round
         entries = load_ledger(ledgers / f"party-{rank}.json").datasets[privacy["dataset"]]
         assert [e.epsilon for e in entries] == [privacy["epsilon"]]
@@ -279,7 +280,7 @@ def test_malformed_controls_stop_a_holder_with_one_line(tmp_path):
 
 
 def test_a_holder_sending_garbage_ends_the_run_with_one_line(tmp_path):
-    done = run_cli("run", "--mode", "federated", "--holders", "2", "--parties", "2", "--epochs", "2",
+    done = run_cli("run", "--mode", "federated", "--holders", "2", "--parties", "2", "--epochs", "1",
                    "--insecure-1024-bit-key", "--holder-faults", "h002:garbage", "--out", str(tmp_path / "out"),
                    "--ledger-dir", str(tmp_path / "ledgers"), timeout=240)
     _one_line_error(done, 3, "h002", "refused")

@@ -140,17 +140,17 @@ def privacy_record(config: ComputeConfig, plan: Any, ledger: str | None, *, roun
     if plan is None:
         return {"mode": "no-dp", "note": "no differential privacy: item sums revealed exactly (benchmarking only)",
                 "round": rounds_done, "rounds": config.rounds, "run_id": config.run_id,
-                "clip": config.clip}
+                "clipping": {"step": config.clip}}
     from mpc_rec.dp.accounting import epsilon_spent
 
     return {
         "mode": "dp", "run_id": config.run_id, "round": rounds_done, "rounds": config.rounds,
         "epsilon": plan.epsilon, "epsilon_spent": epsilon_spent(plan, steps=rounds_done) if rounds_done else 0.0,
         "target_epsilon": plan.target_epsilon, "delta": plan.delta, "mechanism": plan.mechanism,
-        "accountant": plan.accountant, "noise_scale": plan.sigma_total, "noise_scale_party": plan.sigma_party,
-        "noise_multiplier": plan.noise_multiplier, "clip": {"step": plan.clip.step}, "trust": plan.trust_assumption,
+        "accountant": plan.accountant, "sigma_total": plan.sigma_total, "sigma_party": plan.sigma_party,
+        "noise_multiplier": plan.noise_multiplier, "clipping": {"step": plan.clip.step}, "trust": plan.trust_assumption,
         "neighbouring": "user-level (all ratings of one user), replace-one; every user in every round",
-        "clipping": MECHANISM_NOTE, "global_mean": "public midpoint of the rating scale (no budget)",
+        "clipped_by": MECHANISM_NOTE, "global_mean": "public midpoint of the rating scale (no budget)",
         "dataset": config.privacy.dataset, "ledger_digest": ledger,
     }
 

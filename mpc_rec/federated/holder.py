@@ -8,6 +8,11 @@ compute parties' release of that round, updates its users against it, and sends 
 message: its clipped, summed item-side update, packed and Paillier-encrypted under the
 key holder's key, to the aggregator. Nothing else leaves the process
 (protocols/federated.md).
+
+``users.npz`` (rewritten every round, forgotten users left out): ``user_ids`` (str),
+``factors`` (users x K float64), ``biases`` (users), ``round`` (the release they were
+fitted to). With ``items.npz`` (``mpc_rec.holder.load_release``) it is everything the
+holder needs to serve its users locally.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from mpc_rec.errors import ConfigError, DataError
 from mpc_rec.federated.config import HOLDER_FAULTS
 from mpc_rec.federated.holder import peak_memory_mb
 from mpc_rec.files import write_text_atomic
-from mpc_rec.launch import _Party, _wait_all, free_port
+from mpc_rec.launch import _Party, _wait_all, free_port, parse_faults
 from mpc_rec.mpc.session import THREADS_ENV
 from mpc_rec.paillier.keys import generate_keypair, save_private_key, save_public_key
 
@@ -85,12 +85,7 @@ class FederatedOptions:
                        "budget_delta": 1e-3}
             if not 1 <= privacy["trusted_parties"] <= options["parties"]:
                 raise ConfigError(f"--dp-trust must be between 1 and --parties ({options['parties']})")
-        faults = {}
-        for item in filter(None, (options.get("holder_faults") or "").split(",")):
-            hid, _, fault = item.partition(":")
-            if fault not in HOLDER_FAULTS:
-                raise ConfigError(f"--holder-faults: '{item}' is not ID:FAULT with FAULT one of {', '.join(HOLDER_FAULTS)}")
-            faults[hid.strip()] = fault
+        faults = parse_faults(options.get("holder_faults"), "--holder-faults", HOLDER_FAULTS)
         pick = lambda key, name: DEFAULTS[name] if options.get(key) is None else options[key]  # noqa: E731
         return cls(holders=holders, parties=options["parties"], data=options["data"], rounds=pick("epochs", "rounds"),
                    factors=pick("factors", "factors"), learning_rate=pick("learning_rate", "learning_rate"),
@@ -334,8 +329,8 @@ def format_federated_summary(summary: dict[str, Any]) -> str:
     m, t, privacy = summary["metrics"], summary["timing"], summary["privacy"]
     if privacy["mode"] == "dp":
         privacy_line = (f"  privacy: ({privacy['epsilon']:.3g}, {privacy['delta']:.0e})-DP per user over "
-                        f"{privacy['rounds']} rounds, noise sigma {privacy['noise_scale']:.3g} per round, "
-                        f"clip {privacy['clip']['step']:g}; {privacy['trust']}")
+                        f"{privacy['rounds']} rounds, noise sigma {privacy['sigma_total']:.3g} per round, "
+                        f"clip {privacy['clipping']['step']:g}; {privacy['trust']}")
     else:
         privacy_line = "  privacy: ** NO DIFFERENTIAL PRIVACY (--no-dp): item sums revealed exactly **"
     holders = summary["holders"]
