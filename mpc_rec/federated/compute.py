@@ -249,7 +249,7 @@ def run_compute(config: ComputeConfig) -> dict[str, Any]:
                 publish(round_id + 1)
                 traffic = session.traffic()
                 rounds.append({"round": round_id, "holders_aggregated": party_round.count,
-                                                      "wait_for_holders_s": collected - started,
+                               "item_step_size": step.learning_rate, "wait_for_holders_s": collected - started,
                                "mpc_s": time.perf_counter() - collected,
                                "seconds": time.perf_counter() - started,
                                "mpc_bytes_sent": traffic["bytes"] - before["bytes"],
