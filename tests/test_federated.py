@@ -50,7 +50,7 @@ def federated_run(tmp_path_factory):
     out, ledgers = root / "out", root / "ledgers"
     done = run_cli("run", "--mode", "federated", "--holders", "3", "--parties", "2", "--data", str(data),
                    "--epochs", "5", "--regularization", "5", "--epsilon", "8", "--insecure-1024-bit-key",
-                   "--out", str(out), "--ledger-dir", str(ledgers), timeout=300)
+                   "--out", str(out), "--ledger-dir", str(ledgers), "--timeout", "120", timeout=600)
     return done, out, ledgers
 
 
@@ -240,7 +240,7 @@ def test_federated_reveal_adds_the_planned_noise():
     plan = calibrate(target_epsilon=50.0, delta=1e-5, steps=3, clip=ClipBounds(step=0.01, mean=0.01),
                      dimension=SIZE, parties=parties, trusted_parties=trusted, mean_releases=0)
     values = np.random.default_rng(2).integers(-2**30, 2**30, SIZE).astype(np.int64)
-    noisy, exact, tags = run_parties(_reveal_known_total, parties, plan, values)[0]
+    noisy, exact, tags = run_parties(_reveal_known_total, parties, plan, values, timeout_s=120.0)[0]
     assert tags == ["Noised"]
     assert np.array_equal(exact * 2**16, values)  # exact, and no noise without a plan
     noise = (noisy * 2**16).astype(np.int64) - values
@@ -282,7 +282,7 @@ def test_malformed_controls_stop_a_holder_with_one_line(tmp_path):
 def test_a_holder_sending_garbage_ends_the_run_with_one_line(tmp_path):
     done = run_cli("run", "--mode", "federated", "--holders", "2", "--parties", "2", "--epochs", "1",
                    "--insecure-1024-bit-key", "--holder-faults", "h002:garbage", "--out", str(tmp_path / "out"),
-                   "--ledger-dir", str(tmp_path / "ledgers"), timeout=240)
+                   "--ledger-dir", str(tmp_path / "ledgers"), "--timeout", "120", timeout=600)
     _one_line_error(done, 3, "h002", "refused")
     assert not (tmp_path / "out" / "summary.json").exists()
     assert not list((tmp_path / "out").glob("party-*"))
