@@ -258,8 +258,6 @@ def test_federated_reveal_adds_the_planned_noise():
     (["--mode", "federated"], ["--holders"]),
     (["--mode", "federated", "--holders", "0"], ["--holders"]),
     (["--mode", "federated", "--holders", "5000"], ["5000 holders"]),
-    (["--holders", "3"], ["--mode federated"]),
-    (["--mode", "federated", "--holders", "2", "--holder-faults", "h009:garbage"], ["h009"]),
 ])
 def test_bad_federated_options_are_one_line_errors(tmp_path, args, words):
     _one_line_error(run_cli("run", *args, "--out", str(tmp_path / "out"), timeout=60), 2, *words)
