@@ -62,6 +62,9 @@ def main() -> None:
 @click.option("--insecure-1024-bit-key", is_flag=True, help="INSECURE: 1024-bit Paillier key for --contributors (fast tests only; default 2048).")
 @click.option("--contributor-faults", default=None, help="Simulate misbehaving contributors, e.g. 'c002:drop,c003:replay' (faults: drop, replay, wrong-key, malformed, oversized, nan).")
 @click.option("--save-shares", is_flag=True, help="Each party keeps its own shares of the trained model in its folder (model-shares.npz, never opened), for `mpc-rec recommend --refine`.")
+@click.option("--mode", type=click.Choice(["joint", "federated"]), default="joint", show_default=True, help="joint: parties secret-share their users' rows; federated: H data holders keep ratings and user factors, send only Paillier-encrypted clipped item updates (--epochs = rounds).")
+@click.option("--holders", type=int, default=None, help="--mode federated: number of data holders (separate processes, disjoint users).")
+@click.option("--holder-faults", default=None, hidden=True, help="Simulate misbehaving holders, e.g. 'h002:garbage' (tests).")
 def run(**options: Any) -> None:
     """Run a complete local multi-party job: train, score, evaluate, summarise.
 
@@ -70,9 +73,21 @@ def run(**options: Any) -> None:
     the aggregate test RMSE to all, runs the plaintext reference for comparison, and
     writes OUT/summary.json and OUT/<party>/recommendations.csv.
     """
+    mode, holders, holder_faults = options.pop("mode"), options.pop("holders"), options.pop("holder_faults")
+    if mode == "federated":
+        from mpc_rec.federated.launch import FederatedOptions, format_federated_summary, run_federated
+
+        try:
+            summary = run_federated(FederatedOptions.from_cli({**options, "holders": holders, "holder_faults": holder_faults}))
+        except MpcRecError as exc:
+            _fail(exc)
+        click.echo(format_federated_summary(summary))
+        return
     from mpc_rec.launch import RunOptions, format_summary, run_local
 
     try:
+        if holders is not None or holder_faults:
+            raise InputError("--holders and --holder-faults need --mode federated")
         summary = run_local(RunOptions.from_cli(options))
     except MpcRecError as exc:
         _fail(exc)
@@ -118,6 +133,34 @@ def contributor(config_path: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result))
     click.echo(f"contributor {result['contributor']}: {result['status']}", err=True)
+
+
+@main.command(epilog=EXIT_CODES)
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Holder configuration (TOML), written by `mpc-rec run --mode federated`.")
+def holder(config_path: Path) -> None:
+    """Run ONE federated data holder: local user updates, encrypted item updates, each round."""
+    from mpc_rec.federated.config import load_holder_config
+    from mpc_rec.federated.holder import run_holder
+
+    try:
+        result = run_holder(load_holder_config(config_path))
+    except MpcRecError as exc:
+        _fail(exc)
+    click.echo(f"holder {result['holder']}: {len(result['rounds'])} rounds sent", err=True)
+
+
+@main.command("federated-party", epilog=EXIT_CODES)
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Federated compute-party configuration (TOML).")
+def federated_party(config_path: Path) -> None:
+    """Run ONE compute party of the federated mode (the dealer runs `mpc-rec party`)."""
+    from mpc_rec.federated.compute import run_compute
+    from mpc_rec.federated.config import load_compute_config
+
+    try:
+        result = run_compute(load_compute_config(config_path))
+    except MpcRecError as exc:
+        _fail(exc)
+    click.echo(f"party {result['name']}: {len(result['rounds'])} federated rounds done", err=True)
 
 
 @main.command(epilog=EXIT_CODES)

@@ -149,14 +149,20 @@ def _ingest_options(options: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("--contributors: recommendations would have to go back to the contributors; use --top-k 0")
     from mpc_rec.ingest.contributor import FAULTS
 
-    faults = {}
-    for item in filter(None, (options.get("contributor_faults") or "").split(",")):
-        cid, _, fault = item.partition(":")
-        if fault not in FAULTS:
-            raise ConfigError(f"--contributor-faults: '{item}' is not ID:FAULT with FAULT one of {', '.join(FAULTS)}")
-        faults[cid.strip()] = fault
+    faults = parse_faults(options.get("contributor_faults"), "--contributor-faults", FAULTS)
     return {"top_k": 0, "contributors": contributors, "ingest_deadline_s": options["ingest_deadline"],
             "paillier_bits": 1024 if options.get("insecure_1024_bit_key") else 2048, "contributor_faults": faults or None}
+
+
+def parse_faults(text: str | None, option: str, known: tuple[str, ...]) -> dict[str, str]:
+    """'ID:FAULT,ID:FAULT' (simulated misbehaviour for tests and demos) as {id: fault}."""
+    faults = {}
+    for item in filter(None, (text or "").split(",")):
+        who, _, fault = item.partition(":")
+        if fault not in known:
+            raise ConfigError(f"{option}: '{item}' is not ID:FAULT with FAULT one of {', '.join(known)}")
+        faults[who.strip()] = fault
+    return faults
 
 
 def _load(options: RunOptions) -> tuple[Ratings, str]:

@@ -21,6 +21,13 @@ def open_to_all(tagged: Tagged, *, name: str, log: RevealLog) -> torch.Tensor:
     return shared.get_plain_text()
 
 
+def open_ring_to_all(tagged: Tagged, *, name: str, log: RevealLog) -> torch.Tensor:
+    """Like ``open_to_all`` but the exact ring elements (int64, units of 2^-precision):
+    decoding to floating point (float32 for shares built from ring elements) would round."""
+    shared = guard_reveal(tagged, name=f"{name} (to all parties)", log=log)
+    return shared._tensor.reveal()
+
+
 def open_rows_to_owners(tagged: Tagged, rows_per_party: list[int], rank: int, *, name: str, log: RevealLog) -> torch.Tensor:
     """Open each party's row block to that party alone; returns this party's block."""
     shared = guard_reveal(tagged, name=f"{name} (each party's rows to that party only)", log=log)
