@@ -55,6 +55,8 @@ def make_server_class() -> type:
     """CrypTen's TTPServer plus the fused-step requests (import CrypTen lazily)."""
     from crypten.mpc.provider import TTPServer
 
+    ring.warm_up()
+
     class FusedDealer(TTPServer):
         _kept_mask: torch.Tensor | None = None
 

@@ -174,6 +174,7 @@ class FusedStep:
     """One party's state for fused epochs over fixed training data."""
 
     def __init__(self, data: TrainingData):
+        ring.warm_up()
         self.data = data
         self.masked = MaskedProduct(_share(data.mask))
         self.ratings = _share(data.ratings) << (ERROR_BITS - FRACTION_BITS)

@@ -186,3 +186,19 @@ def mask_products(a: np.ndarray, right_q: np.ndarray, right_p: np.ndarray | None
     out_p = np.zeros((items, right_p.shape[1]), np.int64)
     _mask_products(a, right_q, right_p, True, out_q, out_p)
     return [out_q, out_p]
+
+
+def warm_up() -> None:
+    """Load (or compile, on a first run) every kernel now, during set-up.
+
+    The first call of a numba kernel in a process costs about half a second; without
+    this it would land in the first training epoch.
+    """
+    small = lambda *shape: np.zeros(shape, np.int64)  # noqa: E731
+    masked_scores(small(2, 3), small(2, 2), small(2, 3), small(2), small(3), small(2, 3))
+    masked_error(*(small(2, 3) for _ in range(7)), True)
+    error_products(small(2, 3), small(2, 3), small(3, 2), small(3, 2), small(2, 2), small(2, 2), small(2, 2), small(3, 2))
+    error_products(small(2, 3), small(2, 3), small(3, 2), small(3, 2), small(2, 2))
+    wide_product(small(2, 2), small(2, 3))
+    mask_products(small(2, 3), small(3, 2))
+    mask_products(small(2, 3), small(3, 2), small(2, 2))
