@@ -115,6 +115,23 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
+def read_toml_with_schema(path: Path, schema: dict[str, dict[str, Any]],
+                          required: list[tuple[str, str]]) -> dict[str, Any]:
+    """A flat TOML configuration checked against ``schema`` (table -> key -> type) and ``required`` keys."""
+    raw = read_toml(path)
+    for table, values in raw.items():
+        known = schema.get(table)
+        if known is None or not isinstance(values, dict):
+            raise ConfigError(f"{path}: unknown section [{table}] (known: {', '.join(schema)})")
+        for key, value in values.items():
+            if key not in known or isinstance(value, bool) or not isinstance(value, known[key]):
+                raise ConfigError(f"{path}: unknown or mistyped setting {table}.{key} = {str(value)[:60]!r}")
+    for table, key in required:
+        if key not in raw.get(table, {}):
+            raise ConfigError(f"{path}: missing required setting {table}.{key}")
+    return raw
+
+
 def load_party_config(path: str | os.PathLike[str]) -> PartyConfig:
     path = Path(path)
     raw = read_toml(path)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mpc_rec.config import read_toml
+from mpc_rec.config import read_toml_with_schema
 from mpc_rec.errors import ConfigError
 from mpc_rec.mpc.session import Endpoint
 
@@ -39,21 +39,6 @@ _PARTY_SCHEMA = {
                 "ledger": str, "budget_epsilon": _NUMBER, "budget_delta": float},
     "output": {"dir": str},
 }
-
-
-def _read(path: Path, schema: dict[str, dict[str, Any]], required: list[tuple[str, str]]) -> dict[str, Any]:
-    raw = read_toml(path)
-    for table, values in raw.items():
-        known = schema.get(table)
-        if known is None or not isinstance(values, dict):
-            raise ConfigError(f"{path}: unknown section [{table}] (known: {', '.join(schema)})")
-        for key, value in values.items():
-            if key not in known or isinstance(value, bool) or not isinstance(value, known[key]):
-                raise ConfigError(f"{path}: unknown or mistyped setting {table}.{key} = {str(value)[:60]!r}")
-    for table, key in required:
-        if key not in raw.get(table, {}):
-            raise ConfigError(f"{path}: missing required setting {table}.{key}")
-    return raw
 
 
 def _positive(path: Path, name: str, value: float) -> float:
@@ -87,7 +72,7 @@ class HolderConfig:
 
 def load_holder_config(path: str | os.PathLike[str]) -> HolderConfig:
     path = Path(path)
-    raw = _read(path, _HOLDER_SCHEMA, [("holder", "id"), ("holder", "dir"), ("data", "train"),
+    raw = read_toml_with_schema(path, _HOLDER_SCHEMA, [("holder", "id"), ("holder", "dir"), ("data", "train"),
                                        ("federated", "release"), ("federated", "aggregator"),
                                        ("federated", "rounds"), ("federated", "clip"), ("federated", "max_users"),
                                        ("federated", "max_holders"), ("federated", "run_id"),
@@ -173,7 +158,7 @@ def load_compute_config(path: str | os.PathLike[str]) -> ComputeConfig:
                 *[("federated", key) for key in ("catalogue", "release", "channel", "holders", "rounds", "factors",
                                                   "clip", "max_users", "run_id")],
                 ("paillier", "fingerprint"), ("output", "dir")]
-    raw = _read(path, _PARTY_SCHEMA, required)
+    raw = read_toml_with_schema(path, _PARTY_SCHEMA, required)
     fed = raw["federated"]
     resolve = lambda value: None if value is None else (path.parent / value).resolve()  # noqa: E731
     holders = [h.strip() for h in fed["holders"].split(",")]

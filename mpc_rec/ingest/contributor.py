@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mpc_rec.config import read_toml
+from mpc_rec.config import read_toml_with_schema
 from mpc_rec.data import dense_matrices, load_ratings, read_catalogue, sort_ids
 from mpc_rec.errors import ConfigError, InputError, PeerError
 from mpc_rec.ingest.codes import IngestSpec, contributor_vector, encode_rows
@@ -59,19 +59,9 @@ class ContributorConfig:
 
 def load_contributor_config(path: str | os.PathLike[str]) -> ContributorConfig:
     path = Path(path)
-    raw = read_toml(path)
-    for table, values in raw.items():
-        known = _SCHEMA.get(table)
-        if known is None or not isinstance(values, dict):
-            raise ConfigError(f"{path}: unknown section [{table}] (known: {', '.join(_SCHEMA)})")
-        for key, value in values.items():
-            if key not in known or isinstance(value, bool) or not isinstance(value, known[key]):
-                raise ConfigError(f"{path}: unknown or mistyped setting {table}.{key} = {value!r}")
+    raw = read_toml_with_schema(path, _SCHEMA, [("contributor", "id"), ("data", "train"), ("data", "catalogue"),
+                                                  ("aggregator", "address"), ("key", "public_key"), ("key", "fingerprint")])
     get = lambda table, key, default=None: raw.get(table, {}).get(key, default)  # noqa: E731
-    for table, key in [("contributor", "id"), ("data", "train"), ("data", "catalogue"), ("aggregator", "address"),
-                       ("key", "public_key"), ("key", "fingerprint")]:
-        if get(table, key) is None:
-            raise ConfigError(f"{path}: missing required setting {table}.{key}")
     fault = get("simulate", "fault")
     if fault is not None and fault not in FAULTS:
         raise ConfigError(f"{path}: simulate.fault must be one of {', '.join(FAULTS)}, got '{fault}'")
