@@ -38,10 +38,11 @@ def _truncate_in_party(session, values, bits):
     return [t.numpy() for t in truncate([_split(h, rank, world) for h in halves], bits)]
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_truncation_is_floor_or_one_more_at_the_range_edges(world_size):
+@pytest.mark.parametrize("world_size, bits", [(2, [16, 28]), (3, [16, 28]), (3, [1, 1])])
+def test_truncation_is_floor_or_one_more_at_the_range_edges(world_size, bits):
+    # Mixed shifts take per-element shift tensors; one shift for all takes the scalar
+    # path, and 1 bit its extreme carry (2^63).
     values = _boundary_values()
-    bits = [16, 28]
     results = run_parties(_truncate_in_party, world_size, values, bits)
     halves = [values[: len(values) // 2], values[len(values) // 2:]]
     for index, (half, b) in enumerate(zip(halves, bits)):
@@ -60,13 +61,15 @@ def test_truncation_correlation_is_logical_shift_and_sign_bit():
 
 def _products_in_party(session, mask, x_values, e_values, right, left):
     from mpc_rec.mpc import ring
-    from mpc_rec.mpc.fused import MaskedProduct, error_triple, open_all
+    from mpc_rec.mpc.deals import ErrorTripleDeal, MaskProductDeal, fetch
+    from mpc_rec.mpc.fused import MaskedProduct, open_all
 
     rank, world = session.endpoint.rank, session.endpoint.world_size
     masked = MaskedProduct(_split(mask, rank, world))
     products, sums = [], []
     for x in x_values:  # the kept mask, reused
-        b, c = masked.draw()
+        deal = fetch(MaskProductDeal(masked.shape))
+        b, c = deal.b, deal.c
         (opened,) = open_all([_split(x, rank, world) - b])
         zeros = torch.zeros_like(c)
         _, row_sums, column_sums = ring.masked_error(c.numpy(), masked.opened_mask.numpy(), b.numpy(), opened.numpy(),
@@ -74,7 +77,7 @@ def _products_in_party(session, mask, x_values, e_values, right, left):
         products.append(c.numpy())
         sums.append((row_sums, column_sums))
     n, i = e_values.shape
-    triple = error_triple(n, i, [[0, right.shape[1]], [1, left.shape[1]]])
+    triple = fetch(ErrorTripleDeal(n, i, [[0, right.shape[1]], [1, left.shape[1]]]))
     e, r, l = (_split(t, rank, world) for t in (e_values, right, left))
     d_e, d_r, d_l = open_all([e - triple.a, r - triple.bs[0], l - triple.bs[1]])
     lefts = [(b + d if rank == 0 else b).numpy() for b, d in zip(triple.bs, (d_r, d_l))]
@@ -139,3 +142,21 @@ def test_private_branch_of_the_fused_step_matches_plaintext(world_size):
     for factors, bias in results:
         np.testing.assert_allclose(factors, state.item_factors.numpy(), atol=2e-3)
         np.testing.assert_allclose(bias, state.item_bias.numpy(), atol=2e-3)
+
+
+@pytest.mark.parametrize("op, size0, size1", [
+    ("matmul", [3], [3]), ("matmul", [3], [3, 4]), ("matmul", [2, 3], [3]), ("matmul", [2, 3], [3, 4]),
+    ("matmul", [5, 2, 3], [3, 4]), ("matmul", [5, 1, 2, 3], [7, 3, 4]), ("matmul", [4], [2, 4, 6]),
+    ("mul", [3, 1], [1, 4]), ("mul", [5], [5]), ("mul", [2, 3], [3]),
+])
+def test_product_shape_follows_torch(op, size0, size1):
+    from mpc_rec.mpc.deals import product_shape
+
+    assert product_shape(size0, size1, op) == getattr(torch, op)(torch.zeros(size0), torch.zeros(size1)).shape
+
+
+def test_product_shape_refuses_mismatched_inner_sizes():
+    from mpc_rec.mpc.deals import product_shape
+
+    with pytest.raises(ValueError, match="inner sizes"):
+        product_shape([2, 3], [4, 5], "matmul")

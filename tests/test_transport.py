@@ -281,7 +281,7 @@ def test_dealer_serves_the_requests_its_class_adds():
 
     import_crypten()
     served = served_functions(make_server_class())
-    assert {"additive", "square", "B2A", "mf_truncation", "mf_error_triple"} <= set(served)
+    assert {"additive", "square", "B2A", "mf_truncation", "mf_error_triple", "mf_epoch"} <= set(served)
     assert not any(name.startswith("_") for name in served)
     request = {"function": "mf_truncation", "device": None, "args": [[[10, 16], [5, 20]]], "kwargs": {}}
     assert checked_request(request, served, 1000, "party-0")[1] == [[[10, 16], [5, 20]]]

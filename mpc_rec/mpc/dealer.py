@@ -13,6 +13,9 @@ names below are the wire names of the dealer protocol.
   with one opening (``fused.truncate``).
 - ``mf_error_triple``: one [A] (n x I) with any number of partners [B_j], [C_j] where
   C_j = A B_j or A^T B_j, so one opening of E - A serves every product with E.
+- ``mf_epoch``: every correlation of one fused training epoch (``epoch_requests``), in
+  order, answered by one reply; party 0 asks for the next epoch's at the start of the
+  current one, so the dealer computes it while the parties compute (``mpc.deals``).
 """
 
 from __future__ import annotations
@@ -49,6 +52,32 @@ def partner_shapes(n: int, i: int, partners: list[list[int]]) -> list[tuple[tupl
     for transposed, cols in partners:
         shapes.append(((n, cols), (i, cols)) if transposed else ((i, cols), (n, cols)))
     return shapes
+
+
+def epoch_requests(n: int, i: int, k: int, private: bool, shared_items: bool) -> list[tuple[str, list[Any]]]:
+    """The dealer requests of one fused epoch (``fused.FusedStep.epoch``), in the order it uses them.
+
+    n users, i items, k factors; ``private``: the differentially private item side (E
+    goes to the hook instead of E^T P); ``shared_items``: item counts are shared, so the
+    count-weighted penalty multiplies the item side too.
+    """
+    parameters = [n * k, i * k, n, i]
+    weighted = n * k + n + (i * k + i if shared_items else 0)
+    requests: list[tuple[str, list[Any]]] = [
+        ("mf_truncation", [[[n * k, 2], [i * k, 2]]]),  # P, Q to 2^14
+        ("additive", [[n, k], [k, i], "matmul"]),  # P Q^T
+        ("mf_mask_product", [[n, i]]),  # M * pred
+        ("mf_error_triple", [n, i, [[0, k]] if private else [[0, k], [1, k]]]),  # E Q (, E^T P)
+        ("mf_truncation", [[[n * k, 28], [n, 28]] if private else [[size, 28] for size in parameters]]),
+    ]
+    if private:
+        requests.append(("mf_truncation", [[[n * i, 12]]]))  # E to 2^16 for the hook
+    requests += [
+        ("additive", [[weighted], [weighted], "mul"]),  # count-weighted penalty
+        ("mf_truncation", [[[size, 16] for size in parameters]]),  # velocity
+        ("mf_truncation", [[[size, 16] for size in parameters]]),  # parameters
+    ]
+    return requests
 
 
 def make_server_class() -> type:
@@ -113,5 +142,13 @@ def make_server_class() -> type:
             else:
                 products = [(a.t() if p[0] else a).matmul(b) for p, b in zip(partners, bs)]
             return torch.cat([self._share_zero_for_rank0(c).flatten() for c in products])
+
+        def mf_epoch(self, n: int, i: int, k: int, private: int, shared_items: int) -> torch.Tensor:
+            if private not in (0, 1) or shared_items not in (0, 1) or min(n, i, k) < 1:
+                raise PeerError(f"dealer: malformed epoch request {[n, i, k, private, shared_items]}")
+            _elements([n, i, 4])  # what one epoch's correlations hold, at most
+            parts = [getattr(self, name)(*args).flatten()
+                     for name, args in epoch_requests(n, i, k, bool(private), bool(shared_items))]
+            return torch.cat(parts)
 
     return FusedDealer

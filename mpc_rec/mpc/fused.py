@@ -18,12 +18,12 @@ whole matrix. This module computes the same step on raw shares (protocols/traini
 
 The users x items arithmetic between the openings runs in ``ring``'s compiled one-pass
 kernels. Only small n x K, I x K and vector work (regularization, momentum) stays on
-CrypTen's generic operators. Needs the TTP dealer.
+CrypTen's generic operators. Needs the TTP dealer: an epoch's correlations come in one
+bundle, asked for one epoch ahead (``mpc.deals``), so nobody waits while it computes them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -31,37 +31,23 @@ import torch
 from mpc_rec.compat import import_crypten
 from mpc_rec.model import ModelState, TrainConfig, TrainingData
 from mpc_rec.mpc import ring
-from mpc_rec.mpc.dealer import partner_shapes
-from mpc_rec.mpc.prg import random_ring_elements
+from mpc_rec.mpc.dealer import epoch_requests
+from mpc_rec.mpc.deals import Bundle, Deal, TripleDeal, TruncationDeal, deals_for, fetch, request
+from mpc_rec.mpc.deals import comm as _comm
+from mpc_rec.mpc.deals import draw as _draw
+from mpc_rec.mpc.deals import rank as _rank
 
 FRACTION_BITS = 16  # CrypTen's fixed-point precision
 FACTOR_BITS = 14  # P and Q as they enter P Q^T
 ERROR_BITS = 2 * FACTOR_BITS  # predictions and errors
 
 
-def _comm() -> Any:
-    return import_crypten().communicator.get()
-
-
-def _rank() -> int:
-    return _comm().get_rank()
-
-
-def _draw(shape: Any) -> torch.Tensor:
-    from crypten.mpc.provider.ttp_provider import TTPClient
-
-    return random_ring_elements(shape, generator=TTPClient.get().get_generator())
-
-
-def _request(name: str, *args: Any) -> torch.Tensor:
-    from crypten.mpc.provider.ttp_provider import TTPClient
-
-    return TTPClient.get().ttp_request(name, None, *args)
-
-
 def open_all(shares: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Open masked values (uniform in the ring) to every party, in one round."""
-    return _comm().all_reduce(shares, batched=True)
+    """Open masked values (uniform in the ring) to every party, in one round.
+
+    Consumes ``shares``: they may be overwritten by the opened values.
+    """
+    return _comm().all_reduce_in_place(shares, batched=True)
 
 
 def _public(value: torch.Tensor) -> torch.Tensor:
@@ -69,40 +55,52 @@ def _public(value: torch.Tensor) -> torch.Tensor:
     return value if _rank() == 0 else torch.zeros_like(value)
 
 
-def truncate(shares: list[torch.Tensor], bits: int | list[int]) -> list[torch.Tensor]:
+def truncate(shares: list[torch.Tensor], bits: int | list[int], deal: TruncationDeal | None = None) -> list[torch.Tensor]:
     """Divide shared values with |x| < 2^62 by 2^bits (floor, or one more), in one opening.
 
     With y = x + 2^62 in [0, 2^63) and the dealer's r uniform: z = y + r is opened (it is
     uniform, so it shows nothing) and y + r wraps around 2^64 exactly when msb(r) = 1 and
     msb(z) = 0. So y >> b = (z >> b) - (r >> b) + msb(r) (1 - msb(z)) 2^(64-b), one too
     many when the low bits of z - r borrow; every term is public or a dealer sharing.
-    ``bits`` may differ per tensor.
+    ``bits`` may differ per tensor; ``deal`` is the correlation if already drawn.
     """
     per_share = bits if isinstance(bits, list) else [bits] * len(shares)
     sizes = [s.numel() for s in shares]
     segments = [[size, b] for size, b in zip(sizes, per_share)]
+    if deal is None:
+        deal = fetch(TruncationDeal(segments))
+    elif deal.segments != segments:
+        raise ValueError(f"truncation deal for {deal.segments}, used for {segments}")
     flat = torch.cat([s.flatten() for s in shares])
-    size = flat.numel()
-    shift = torch.cat([torch.full((n,), b, dtype=torch.int64) for n, b in segments])
-    r = _draw(size)
-    if _rank() == 0:
-        correction = _request("mf_truncation", segments)
-        high, msb = correction[:size], correction[size:]
+    if len(set(per_share)) == 1:  # one shift for all: no per-element shift tensors (n x I for E)
+        shift: int | torch.Tensor = per_share[0]
+        low_bits, carry, offset = (1 << (64 - shift)) - 1, _signed(1 << (64 - shift)), 1 << (62 - shift)
     else:
-        high, msb = _draw(size), _draw(size)
-    (z,) = open_all([flat + _public(torch.full_like(flat, 1 << 62)) + r])
-    z_high = (z >> shift) & ((1 << (64 - shift)) - 1)
-    wrapped = msb * (z >= 0).to(torch.int64) * (1 << (64 - shift))
-    result = wrapped - high + _public(z_high - (1 << (62 - shift)))
+        shift = torch.cat([torch.full((n,), b, dtype=torch.int64) for n, b in segments])
+        low_bits, carry, offset = (1 << (64 - shift)) - 1, 1 << (64 - shift), 1 << (62 - shift)
+    if _rank() == 0:
+        flat += 1 << 62
+    flat += deal.r
+    (z,) = open_all([flat])
+    z_high = (z >> shift) & low_bits
+    wrapped = deal.msb * (z >= 0).to(torch.int64) * carry
+    result = wrapped - deal.high + _public(z_high - offset)
     return [part.reshape(s.shape) for part, s in zip(result.split(sizes), shares)]
 
 
-def beaver(op: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _signed(value: int) -> int:
+    """A ring element 0 <= value < 2^64 as the int64 that holds it."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def beaver(op: str, x: torch.Tensor, y: torch.Tensor, triple: TripleDeal | None = None) -> torch.Tensor:
     """x op y for shares x, y ("mul" or "matmul"), with a TTP triple and one opening."""
-    provider = import_crypten().mpc.get_default_provider()
-    a, b, c = provider.generate_additive_triple(x.size(), y.size(), op)
-    d_x, d_y = open_all([x - a.share, y - b.share])
-    return recombine(getattr(torch, op), c.share, d_x, d_y, a.share, b.share)
+    if triple is None:
+        triple = fetch(TripleDeal(list(x.shape), list(y.shape), op))
+    elif (triple.size0, triple.size1, triple.op) != (list(x.shape), list(y.shape), op):
+        raise ValueError(f"triple for {triple.op} of {triple.size0} and {triple.size1}, used for {op}")
+    d_x, d_y = open_all([x - triple.a, y - triple.b])
+    return recombine(getattr(torch, op), triple.c, d_x, d_y, triple.a, triple.b)
 
 
 def recombine(f: Callable, c: torch.Tensor, d_x: torch.Tensor, d_y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -116,43 +114,16 @@ def recombine(f: Callable, c: torch.Tensor, d_x: torch.Tensor, d_y: torch.Tensor
     return c
 
 
-@dataclass
-class ErrorTriple:
-    a: torch.Tensor
-    bs: list[torch.Tensor]
-    cs: list[torch.Tensor]
-
-
-def error_triple(n: int, i: int, partners: list[list[int]]) -> ErrorTriple:
-    """Dealer triple for several products of one n x I secret (see dealer.py)."""
-    shapes = partner_shapes(n, i, partners)
-    a = _draw((n, i))
-    bs = [_draw(b_shape) for b_shape, _ in shapes]
-    if _rank() == 0:
-        flat = _request("mf_error_triple", n, i, partners)
-        cs = [part.reshape(c_shape) for part, (_, c_shape) in
-              zip(flat.split([c[0] * c[1] for _, c in shapes]), shapes)]
-    else:
-        cs = [_draw(c_shape) for _, c_shape in shapes]
-    return ErrorTriple(a, bs, cs)
-
-
 class MaskedProduct:
-    """M * X for the fixed shared mask M: M - A opened once, X - B per product."""
+    """M * X for the fixed shared mask M: M - A opened once, X - B per product (``MaskProductDeal``)."""
 
     def __init__(self, mask_share: torch.Tensor):
         shape = list(mask_share.shape)
         self.shape = shape
         self.a = _draw(shape)
         if _rank() == 0:
-            _request("mf_mask_setup", shape)
+            request("mf_mask_setup", shape)
         (self.opened_mask,) = open_all([mask_share - self.a])
-
-    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This party's shares of a fresh B and of A * B for one product."""
-        b = _draw(self.shape)
-        c = _request("mf_mask_product", self.shape) if _rank() == 0 else _draw(self.shape)
-        return b, c
 
 
 def _share(x: Any) -> torch.Tensor:
@@ -178,26 +149,33 @@ class FusedStep:
         self.data = data
         self.masked = MaskedProduct(_share(data.mask))
         self.ratings = _share(data.ratings) << (ERROR_BITS - FRACTION_BITS)
+        self._next: Bundle | None = None  # the next epoch's correlations, asked for in advance
+
+    def _bundle(self, state: ModelState, private: bool) -> Bundle:
+        (n, k), i = state.user_factors.size(), state.item_factors.size(0)
+        shared_items = not torch.is_tensor(self.data.item_weights)
+        arguments = [n, i, k, int(private), int(shared_items)]
+        return Bundle(deals_for(epoch_requests(n, i, k, private, shared_items)), ("mf_epoch", arguments)).send()
 
     def gradients_data_part(
-        self, state: ModelState, item_aggregates: Callable[[Any, ModelState], tuple[Any, Any]] | None
+        self, state: ModelState, item_aggregates: Callable[[Any, ModelState], tuple[Any, Any]] | None,
+        deals: list[Deal],
     ) -> tuple[Any, Any, Any, Any]:
         """E Q, E^T P (or the hook's item sums), row and column sums of E, as MPCTensors.
 
         E = M * (mu + b_u + c_i + P Q^T) - R at 2^ERROR_BITS. Three openings: the small
         Beaver differences for P Q^T, then pred - B (users x items), then E - A with the
         partners of the error triple (users x items); ``ring`` does the users x items
-        arithmetic between them in one pass each.
+        arithmetic between them in one pass each. ``deals``: this part's correlations,
+        in ``dealer.epoch_requests``' order.
         """
         rank0 = _rank() == 0
-        p, q = truncate([_share(state.user_factors), _share(state.item_factors)], FRACTION_BITS - FACTOR_BITS)
-        (n, k), i = p.shape, q.shape[0]
-        provider = import_crypten().mpc.get_default_provider()
-        a_p, b_q, scores = (t.share for t in provider.generate_additive_triple(p.size(), torch.Size([k, i]), "matmul"))
-        mask_b, masked_c = self.masked.draw()
         private = item_aggregates is not None
-        partners = [[0, k]] if private else [[0, k], [1, k]]
-        triple = error_triple(n, i, partners)  # every draw precedes the openings, in the dealer's order
+        to_factor_bits, product, masked, triple, to_gradient_bits, *rest = deals
+        p, q = truncate([_share(state.user_factors), _share(state.item_factors)], FRACTION_BITS - FACTOR_BITS,
+                        to_factor_bits)
+        a_p, b_q, scores = product.a, product.b, product.c
+        mask_b, masked_c = masked.b, masked.c
         d_p, d_q = open_all([p - a_p, q.t() - b_q])
         left = torch.cat([d_p, a_p], 1)  # Beaver's d_P (B + d_Q) + A d_Q as one product of width 2K
         right = torch.cat([b_q + d_q if rank0 else b_q, d_q], 0)
@@ -221,10 +199,10 @@ class FusedStep:
                                 lefts[1], d_rights[1], triple.cs[1].numpy())
         up = FRACTION_BITS  # sums of E at 2^28 brought to the products' 2^44
         sums = [torch.from_numpy(row_sums) << up] + ([] if private else [torch.from_numpy(column_sums) << up])
-        parts = truncate(triple.cs + sums, ERROR_BITS)
+        parts = truncate(triple.cs + sums, ERROR_BITS, to_gradient_bits)
         if private:
             user_part, user_sum = parts
-            (error16,) = truncate([error], ERROR_BITS - FRACTION_BITS)
+            (error16,) = truncate([error], ERROR_BITS - FRACTION_BITS, rest[0])
             item_part, item_sum = item_aggregates(_wrap(error16), state)
             return _wrap(user_part), item_part, _wrap(user_sum), item_sum
         user_part, item_part, user_sum, item_sum = parts
@@ -232,15 +210,22 @@ class FusedStep:
 
     def epoch(
         self, state: ModelState, config: TrainConfig,
-        item_aggregates: Callable[[Any, ModelState], tuple[Any, Any]] | None = None,
+        item_aggregates: Callable[[Any, ModelState], tuple[Any, Any]] | None = None, *, last: bool = True,
     ) -> ModelState:
         """``model.train_epoch`` on shares: the same update, with two truncations in all.
 
         Gradients and velocities are formed at 2^32 (count-weighted penalty: a Beaver
         product with the integer counts, or a public weight), then truncated together.
+        Unless this is the ``last`` epoch, the next epoch's correlations are asked for
+        first: the dealer computes them during this one.
         """
+        private = item_aggregates is not None
+        bundle = self._next or self._bundle(state, private)
+        deals = bundle.ready()
+        self._next = None if last else self._bundle(state, private)
+        *data_deals, weighting, to_velocity, to_parameters = deals
         data, f = self.data, FRACTION_BITS
-        parts = [_share(x) for x in self.gradients_data_part(state, item_aggregates)]
+        parts = [_share(x) for x in self.gradients_data_part(state, item_aggregates, data_deals)]
         params = [_share(x) for x in state.params]
         user_counts = _share(data.user_counts)
         k = params[0].shape[1]
@@ -250,7 +235,8 @@ class FusedStep:
         if shared_items:
             item_counts = _share(data.item_weights)
             counts += [item_counts.unsqueeze(1).expand(-1, k), item_counts]
-        flat = beaver("mul", torch.cat([c.flatten() for c in counted]), torch.cat([c.flatten() for c in counts]))
+        flat = beaver("mul", torch.cat([c.flatten() for c in counted]), torch.cat([c.flatten() for c in counts]),
+                      weighting)
         weighted = [part.reshape(c.shape) for part, c in zip(flat.split([c.numel() for c in counted]), counted)]
         reg = _fixed(torch.tensor(config.regularization))
         if shared_items:  # reg (2^16) times count-weighted parameters (2^16)
@@ -262,9 +248,9 @@ class FusedStep:
         if state.velocity:
             momentum = _fixed(torch.tensor(config.momentum))
             gradients = [momentum * _share(v) + g for v, g in zip(state.velocity, gradients)]
-        velocity = truncate(gradients, f)
+        velocity = truncate(gradients, f, to_velocity)
         rate = _fixed(torch.tensor(config.learning_rate))
-        updated = truncate([(p << f) - rate * v for p, v in zip(params, velocity)], f)
+        updated = truncate([(p << f) - rate * v for p, v in zip(params, velocity)], f, to_parameters)
         return ModelState(*[_wrap(p) for p in updated], velocity=[_wrap(v) for v in velocity])
 
 

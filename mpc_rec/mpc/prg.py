@@ -74,11 +74,11 @@ def random_ring_elements(size: Any, ring_size: int = 2**64, generator: torch.Gen
         return torch.empty(shape, dtype=torch.int64)
     stream = _keystream(generator if generator is not None else _local_generator())
     size = 8 * math.prod(shape)
-    # The keystream is written straight into the tensor's memory: building it through
-    # bytes objects cost two more copies of each draw, 10x the AES work itself.
-    out = bytearray(size + _CTR_SLACK)
-    stream.update_into(_zeros(size), out)
-    return torch.frombuffer(out, dtype=torch.int64, count=size // 8).reshape(shape)
+    # The keystream is written straight into the tensor's (uninitialised) memory: building
+    # it through bytes objects cost two more copies of each draw, 10x the AES work itself.
+    out = torch.empty(size + _CTR_SLACK, dtype=torch.uint8)
+    stream.update_into(_zeros(size), out.numpy())
+    return out[:size].view(torch.int64).reshape(shape)
 
 
 _CTR_SLACK = 15  # update_into wants room for a partial block

@@ -68,14 +68,14 @@ def train_secure(
     state = ModelState(*[share_public(p) for p in initial_parameters(n_users, n_items, config)])
     if import_crypten().cfg.mpc.provider == "TTP":
         step = FusedStep(data)
-        next_state = lambda s: step.epoch(s, config, item_aggregates)  # noqa: E731
+        next_state = lambda s, last: step.epoch(s, config, item_aggregates, last=last)  # noqa: E731
     else:
         gradients = lambda s, d: data_gradients(s, d, item_aggregates or exact_item_aggregates)  # noqa: E731
-        next_state = lambda s: train_epoch(s, data, config, gradients)  # noqa: E731
+        next_state = lambda s, last: train_epoch(s, data, config, gradients)  # noqa: E731
     epoch_seconds = []
     for epoch in range(config.epochs):
         started = time.perf_counter()
-        state = next_state(state)
+        state = next_state(state, epoch == config.epochs - 1)
         epoch_seconds.append(time.perf_counter() - started)
         if on_epoch is not None:
             on_epoch(epoch + 1, epoch_seconds[-1])

@@ -15,7 +15,6 @@ Differences from CrypTen's DistributedCommunicator, on purpose:
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -156,6 +155,10 @@ class TlsCommunicator(Communicator):
         tensors = input if batched else [input]
         result = self._all_reduce(tensors, op, self.main_group)
         return result if batched else result[0]
+
+    # The fused step's name for a reduction it need not keep its inputs for (crypten_fixes);
+    # this transport never copies its inputs, so it is the same operation.
+    all_reduce_in_place = all_reduce
 
     @_logging
     def gather(self, tensor: torch.Tensor, dst: int) -> list[Any]:
@@ -345,23 +348,6 @@ def _client_setup_generators(self: Any) -> None:
     self.generator_cuda = None
 
 
-def _client_request(self: Any, func_name: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """TTPClient.ttp_request, with the dealer's announced size checked before allocating."""
-    comm = TlsCommunicator.get()
-    dealer = comm.get_ttp_rank()
-    message = {"function": func_name, "device": None if device is None else str(device), "args": args, "kwargs": kwargs}
-    comm.send_obj(message, dealer, comm.ttp_group)
-    size = comm.recv_obj(dealer, comm.ttp_group)
-    limit = comm.mesh.link(dealer).max_bytes // 8
-    if (not isinstance(size, torch.Size) or len(size) > framing.MAX_DIMS
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in size)
-            or math.prod(size) > limit):
-        raise PeerError(f"the dealer announced an invalid result size {str(size)[:80]}")
-    result = torch.empty(size, dtype=torch.long)
-    comm.broadcast(result, dealer, comm.ttp_comm_group)
-    return result
-
-
 def install(settings: TlsSettings, *, rank: int, world_size: int, timeout_s: float) -> None:
     """Make CrypTen use the TLS communicator in this process (call before crypten.init)."""
     import crypten.communicator as communicator
@@ -374,4 +360,3 @@ def install(settings: TlsSettings, *, rank: int, world_size: int, timeout_s: flo
         crypten._setup_prng._mpc_rec_tls = True
     client = ttp_provider.TTPClient._TTPClient__TTPClient
     client._setup_generators = _client_setup_generators
-    client.ttp_request = _client_request
