@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 DEFAULT_MAX_ELEMENTS = 32_768
-_RECEIVING = ("recv", "all_reduce", "reduce", "broadcast", "gather", "all_gather", "scatter", "recv_obj", "broadcast_obj")
+_RECEIVING = ("recv", "all_reduce", "all_reduce_in_place", "reduce", "broadcast", "gather", "all_gather", "scatter",
+              "recv_obj", "broadcast_obj")
 
 
 def sample_positions(nelement: int, max_elements: int) -> np.ndarray | None:
@@ -101,7 +102,8 @@ class RecordingCommunicator:
 
         def receiving(*args: Any, **kwargs: Any) -> Any:
             result = attribute(*args, **kwargs)
-            self._record(name, args, kwargs, result)
+            # an in-place all-reduce (mpc.crypten_fixes) is the same opening, recorded as one
+            self._record("all_reduce" if name == "all_reduce_in_place" else name, args, kwargs, result)
             return result
 
         return receiving
@@ -151,12 +153,12 @@ def install(directory: Path, rank: int, max_elements: int = DEFAULT_MAX_ELEMENTS
         return proxy
 
     communicator.get = recording_get
-    _capture_local_triples(recorder)
+    _capture_local_triples()
     _active = recorder
     return recorder
 
 
-def _capture_local_triples(recorder: Recorder) -> None:
+def _capture_local_triples() -> None:
     """Record the mask values this party draws for each additive Beaver triple."""
     from crypten.mpc.provider import tfp_provider, ttp_provider
     from crypten.mpc.provider.tfp_provider import TrustedFirstParty
@@ -179,11 +181,18 @@ def _capture_local_triples(recorder: Recorder) -> None:
                 triple = _original(self, size0, size1, op, *args, **kwargs)
             finally:
                 _module.generate_random_ring_element = draw
-            for part, value in enumerate(drawn[:2]):  # the a and b masks, in that order
-                recorder.tensor("triple", "local", value, part=part, kind="local-triple", operation=op)
+            record_local_triple(drawn[0], drawn[1], op)  # the a and b masks, in that order
             return triple
 
         cls.generate_additive_triple = wrapped
+
+
+def record_local_triple(a: torch.Tensor, b: torch.Tensor, operation: str) -> None:
+    """This party's own shares of a Beaver triple's masks, recorded just before the opening
+    of x - a, y - b (no-op when nothing records): ``views.unmasked_values`` pairs them."""
+    if _active is not None:
+        for part, value in enumerate((a, b)):
+            _active.tensor("triple", "local", value, part=part, kind="local-triple", operation=operation)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from mpc_rec.audit import transcript
 from mpc_rec.compat import import_crypten
 from mpc_rec.model import ModelState, TrainConfig, TrainingData
 from mpc_rec.mpc import ring
@@ -99,6 +100,7 @@ def beaver(op: str, x: torch.Tensor, y: torch.Tensor, triple: TripleDeal | None 
         triple = fetch(TripleDeal(list(x.shape), list(y.shape), op))
     elif (triple.size0, triple.size1, triple.op) != (list(x.shape), list(y.shape), op):
         raise ValueError(f"triple for {triple.op} of {triple.size0} and {triple.size1}, used for {op}")
+    transcript.record_local_triple(triple.a, triple.b, op)
     d_x, d_y = open_all([x - triple.a, y - triple.b])
     return recombine(getattr(torch, op), triple.c, d_x, d_y, triple.a, triple.b)
 
@@ -176,6 +178,7 @@ class FusedStep:
                         to_factor_bits)
         a_p, b_q, scores = product.a, product.b, product.c
         mask_b, masked_c = masked.b, masked.c
+        transcript.record_local_triple(a_p, b_q, "matmul")
         d_p, d_q = open_all([p - a_p, q.t() - b_q])
         left = torch.cat([d_p, a_p], 1)  # Beaver's d_P (B + d_Q) + A d_Q as one product of width 2K
         right = torch.cat([b_q + d_q if rank0 else b_q, d_q], 0)
