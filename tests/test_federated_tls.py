@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from conftest import assert_one_line_error, mpc_rec_command, run_cli
 from mpc_rec.config import dump_toml
 from mpc_rec.data import synthetic_ratings, write_catalogue, write_ratings_csv
-from mpc_rec.errors import PeerError
+from mpc_rec.errors import ConfigError, PeerError
 from mpc_rec.federated.compute import HolderChannel, holder_channel_tls
 from mpc_rec.federated.config import load_compute_config, load_holder_config
 from mpc_rec.federated.holder import packing_spec
@@ -134,3 +135,32 @@ def test_only_compute_parties_may_wait_on_the_holder_channel(channel):
             "status": "ok", "body": False}
     with pytest.raises(PeerError, match="lost the connection to the aggregator"):  # no plain TCP
         request(address, {"kind": "wait", "round": 1}, wait_s=5)
+
+
+@pytest.mark.parametrize("case", ["ca without name", "missing CA file", "tls without [tls]", "bad peer entry",
+                                  "peers as a table"])
+def test_bad_tls_settings_are_one_line_config_errors(channel, tmp_path, case):
+    root = channel["root"]
+    if case in ("ca without name", "missing CA file"):
+        path = channel["holder_file"]("h001", "pilot", "party-1")
+        text = path.read_text()
+        text = (text.replace('name = "party-1"\n', "") if case == "ca without name"
+                else text.replace('ca = "pilot/ca.pem"', 'ca = "nowhere/ca.pem"'))
+        load, expect = load_holder_config, {"ca without name": "aggregator.ca and aggregator.name go together",
+                                            "missing CA file": "aggregator.ca"}[case]
+    else:
+        text = (root / "party-1.toml").read_text()
+        if case == "tls without [tls]":
+            text, expect = re.sub(r"\[tls\]\n[^\[]*", "", text), "missing required setting tls.ca"
+        elif case == "bad peer entry":
+            text, expect = text.replace('name = "party-2"\n', 'name = "party-2"\ncolour = "blue"\n'), "unknown setting peer.colour"
+        else:
+            text, expect = text.split("[[peer]]")[0] + "[peer]\nrank = 0\n", "[peer] must be an array of tables"
+        load = load_compute_config
+    path = tmp_path / "file.toml"
+    path.write_text(text)
+    for link in ("pilot", "public.json", "catalogue.txt", "train.csv", "release.npz"):
+        (tmp_path / link).symlink_to(root / link)
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    assert str(path) in str(error.value) and expect in str(error.value) and "\n" not in str(error.value)
