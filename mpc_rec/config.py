@@ -117,10 +117,18 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def read_toml_with_schema(path: Path, schema: dict[str, dict[str, Any]],
                           required: list[tuple[str, str]]) -> dict[str, Any]:
-    """A flat TOML configuration checked against ``schema`` (table -> key -> type) and ``required`` keys."""
+    """A flat TOML configuration checked against ``schema`` (table -> key -> type) and ``required`` keys.
+
+    A table whose schema is ``list`` is an array of tables (``[[peer]]``), passed through
+    for its own parser (``transport.settings.parse_tls``).
+    """
     raw = read_toml(path)
     for table, values in raw.items():
         known = schema.get(table)
+        if known is list:
+            if not isinstance(values, list):
+                raise ConfigError(f"{path}: [{table}] must be an array of tables ([[{table}]])")
+            continue
         if known is None or not isinstance(values, dict):
             raise ConfigError(f"{path}: unknown section [{table}] (known: {', '.join(schema)})")
         for key, value in values.items():

@@ -23,6 +23,15 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
     )
 
 
+def assert_one_line_error(done: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    """``done`` failed with exit ``code`` and one line on stderr, naming each of ``words``."""
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    assert done.returncode == code, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("mpc-rec: error:"), done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
 @pytest.fixture
 def ml100k() -> Path:
     if not ML100K.exists():

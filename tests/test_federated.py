@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import mpc_rec_command, run_cli
+from conftest import assert_one_line_error, mpc_rec_command, run_cli
 from mpc_harness import run_parties
 from mpc_rec.config import dump_toml
 from mpc_rec.data import Ratings, synthetic_ratings, write_ratings_csv
@@ -29,14 +29,6 @@ from mpc_rec.paillier import _crypto
 from mpc_rec.paillier.keys import generate_keypair, save_public_key
 from mpc_rec.paillier.messages import Contribution
 from mpc_rec.paillier.packing import PackingError, decode_totals, unpack
-
-
-def _one_line_error(done: subprocess.CompletedProcess, code: int, *words: str) -> None:
-    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-    assert done.returncode == code, done.stderr
-    assert len(lines) == 1 and lines[0].startswith("mpc-rec: error:"), done.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 # --- a whole run -----------------------------------------------------------------------
@@ -260,7 +252,7 @@ def test_federated_reveal_adds_the_planned_noise():
     (["--mode", "federated", "--holders", "5000"], ["5000 holders"]),
 ])
 def test_bad_federated_options_are_one_line_errors(tmp_path, args, words):
-    _one_line_error(run_cli("run", *args, "--out", str(tmp_path / "out"), timeout=60), 2, *words)
+    assert_one_line_error(run_cli("run", *args, "--out", str(tmp_path / "out"), timeout=60), 2, *words)
 
 
 def test_malformed_controls_stop_a_holder_with_one_line(tmp_path):
@@ -274,14 +266,14 @@ def test_malformed_controls_stop_a_holder_with_one_line(tmp_path):
                             "max_users": 10, "max_holders": 1, "run_id": "r", "wait_s": 5.0},
               "key": {"public_key": "public.json", "fingerprint": public_key.fingerprint}}
     (tmp_path / "holder.toml").write_text(dump_toml(config))
-    _one_line_error(run_cli("holder", "--config", str(tmp_path / "holder.toml"), timeout=60), 2, "controls.json", "exclude")
+    assert_one_line_error(run_cli("holder", "--config", str(tmp_path / "holder.toml"), timeout=60), 2, "controls.json", "exclude")
 
 
 def test_a_holder_sending_garbage_ends_the_run_with_one_line(tmp_path):
     done = run_cli("run", "--mode", "federated", "--holders", "2", "--parties", "2", "--epochs", "1",
                    "--insecure-1024-bit-key", "--holder-faults", "h002:garbage", "--out", str(tmp_path / "out"),
                    "--ledger-dir", str(tmp_path / "ledgers"), "--timeout", "120", timeout=600)
-    _one_line_error(done, 3, "h002", "refused")
+    assert_one_line_error(done, 3, "h002", "refused")
     assert not (tmp_path / "out" / "summary.json").exists()
     assert not list((tmp_path / "out").glob("party-*"))
 

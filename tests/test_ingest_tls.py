@@ -7,9 +7,8 @@ import pytest
 from conftest import run_cli
 from mpc_rec.data import synthetic_ratings, write_ratings_csv
 from mpc_rec.errors import PeerError
-from mpc_rec.ingest.contributor import _aggregator_tls
 from mpc_rec.ingest.phase import channel_tls
-from mpc_rec.ingest.transport import ChannelTls, Server, request
+from mpc_rec.ingest.transport import ChannelTls, Server, aggregator_client_tls, request
 from mpc_rec.launch import free_port
 from mpc_rec.transport.certs import make_pilot_certificates
 from mpc_rec.transport.settings import PeerAddress, TlsSettings
@@ -50,7 +49,7 @@ def test_parties_and_contributors_are_served_over_tls(channel):
     reply, body = request(address, {"kind": "masked_sum"}, wait_s=10, tls=_client(channel, 0), reply_limit=100)
     assert reply["status"] == "ok" and body == b"masked"
     assert request(address, {"kind": "ready", "rank": 2}, wait_s=10, tls=_client(channel, 2))[0]["status"] == "ok"
-    contributor = _aggregator_tls(channel["root"] / "pilot" / "ca.pem", "party-1", channel["root"])
+    contributor = aggregator_client_tls(channel["root"] / "pilot" / "ca.pem", "party-1", channel["root"])
     assert request(address, {"kind": "contribution"}, b"ciphertexts", wait_s=10, tls=contributor)[0]["status"] == "ok"
     assert channel["handled"][-3:] == ["masked_sum", "ready", "contribution"]
 
@@ -59,7 +58,7 @@ def test_parties_and_contributors_are_served_over_tls(channel):
                                   "certificate of another CA", "not the configured aggregator", "plain TCP"])
 def test_wrong_peers_are_refused_on_the_ingest_channel(channel, case):
     address, handled = channel["address"], len(channel["handled"])
-    contributor = _aggregator_tls(channel["root"] / "pilot" / "ca.pem", "party-1", channel["root"])
+    contributor = aggregator_client_tls(channel["root"] / "pilot" / "ca.pem", "party-1", channel["root"])
     if case.endswith("masked sum"):
         tls = contributor if case.startswith("contributor") else _client(channel, 2)
         reply, _ = request(address, {"kind": "masked_sum"}, wait_s=10, tls=tls)

@@ -32,7 +32,7 @@ from mpc_rec.federated.holder import packing_spec, peak_memory_mb
 from mpc_rec.federated.model import ItemStep, initial_items, item_update
 from mpc_rec.files import write_text_atomic
 from mpc_rec.holder import ItemRelease, write_release_atomic
-from mpc_rec.ingest.transport import Server, request
+from mpc_rec.ingest.transport import ChannelTls, Server, request
 from mpc_rec.paillier.aggregator import Aggregator
 from mpc_rec.paillier.errors import RejectedContribution
 from mpc_rec.paillier.keyholder import KeyHolder
@@ -42,6 +42,24 @@ from mpc_rec.paillier.messages import Contribution
 KEY_HOLDER, AGGREGATOR = 0, 1
 NO_DP_REASON = "no-dp run: exact item-side sum, for benchmarking only"
 MECHANISM_NOTE = "holders clip each user's item-side gradient in the clear; compute parties add noise in MPC"
+
+
+def holder_channel_tls(settings: Any) -> tuple[ChannelTls | None, ChannelTls | None]:
+    """(client, server) TLS of the holder channel from the pilot's [tls] settings; None over gloo.
+
+    As the ingest channel (``ingest.phase.channel_tls``): clients check that the aggregator's
+    certificate chains to the pilot CA and names rank 1; holders hold no pilot certificate
+    and may only contribute; ``wait`` needs the certificate of another compute party (the
+    dealer never waits on the holders).
+    """
+    from mpc_rec.ingest.phase import channel_tls
+
+    client, server = channel_tls(settings)
+    if settings is None:
+        return None, None
+    dealer = len(settings.peers) - 1
+    waiting = frozenset(p.name for p in settings.peers if p.rank not in (AGGREGATOR, dealer))
+    return client, ChannelTls(server.context, party_kinds={"wait": waiting})
 
 
 class HolderChannel:
@@ -56,7 +74,8 @@ class HolderChannel:
         self._bodies: dict[str, bytes] = {}
         self.refused: list[dict[str, Any]] = []
         largest = spec.chunks(length) * (2 * public_key.bits // 4 + 3) + 4096
-        self._server = Server(config.channel, self._handle, lambda header: largest, io_timeout_s=config.wait_s)
+        self._server = Server(config.channel, self._handle, lambda header: largest, io_timeout_s=config.wait_s,
+                              tls=holder_channel_tls(config.endpoint.tls)[1])
 
     def _handle(self, header: dict[str, Any], body: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         kind, round_id = header.get("kind"), header.get("round")
@@ -114,6 +133,8 @@ class HolderChannel:
             self._lock.notify_all()
         time.sleep(0.2)
         self._server.close()
+        # requests refused before they were read: failed TLS handshakes, a 'wait' without a party's certificate
+        self.refused.extend({"round": None, "holder": None, "reason": reason} for reason in self._server.refused)
 
 
 def _plan(config: ComputeConfig, length: int):
@@ -196,6 +217,7 @@ def run_compute(config: ComputeConfig) -> dict[str, Any]:
     plan, ledger = _plan(config, length)  # before anything from the holders arrives
     max_holders = len(config.holders)
     channel = key_holder = aggregator = None
+    channel_client = holder_channel_tls(config.endpoint.tls)[0]
     if rank == AGGREGATOR:
         public_key = load_public_key(config.public_key, expected_fingerprint=config.fingerprint)
         spec = packing_spec(public_key.bits, clip=config.clip, max_users=config.max_users, max_holders=max_holders)
@@ -232,7 +254,8 @@ def run_compute(config: ComputeConfig) -> dict[str, Any]:
                     contributions = channel.collect(round_id)
                 else:
                     contributions = ()
-                    reply, _ = request(config.channel, {"kind": "wait", "round": round_id}, wait_s=config.wait_s + 60)
+                    reply, _ = request(config.channel, {"kind": "wait", "round": round_id}, wait_s=config.wait_s + 60,
+                                       tls=channel_client)
                     if reply.get("status") != "ok":
                         raise PeerError(f"round {round_id}: {reply.get('reason', 'the aggregator did not settle it')}")
                 collected = time.perf_counter()

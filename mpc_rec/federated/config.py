@@ -14,7 +14,9 @@ from typing import Any
 
 from mpc_rec.config import read_toml_with_schema
 from mpc_rec.errors import ConfigError
+from mpc_rec.ingest.transport import ChannelTls, aggregator_client_tls
 from mpc_rec.mpc.session import Endpoint
+from mpc_rec.transport.settings import parse_tls
 
 HOLDER_FAULTS = ("garbage",)  # simulated misbehaviour for tests: send bytes that are not a contribution
 _NUMBER = (int, float)
@@ -25,11 +27,14 @@ _HOLDER_SCHEMA = {
     "federated": {"release": str, "aggregator": str, "rounds": int, "regularization": _NUMBER, "clip": _NUMBER,
                   "max_users": int, "max_holders": int, "run_id": str, "wait_s": _NUMBER, "top_k": int},
     "key": {"public_key": str, "fingerprint": str},
+    "aggregator": {"ca": str, "name": str},  # TLS to the aggregator: the pilot CA and the name it must show
     "simulate": {"fault": str},
 }
 _PARTY_SCHEMA = {
     "party": {"name": str, "rank": int, "world_size": int},
-    "network": {"rendezvous": str, "timeout_s": _NUMBER},
+    "network": {"rendezvous": str, "timeout_s": _NUMBER, "transport": str, "listen": str, "max_message_mb": int},
+    "tls": {"ca": str, "cert": str, "key": str},  # with [[peer]]: mpc_rec/transport/settings.py
+    "peer": list,
     "federated": {"catalogue": str, "release": str, "channel": str, "holders": str, "rounds": int, "factors": int,
                   "learning_rate": _NUMBER, "momentum": _NUMBER, "item_regularization": _NUMBER,
                   "init_scale": _NUMBER, "seed": int, "clip": _NUMBER, "max_users": int, "run_id": str,
@@ -68,6 +73,7 @@ class HolderConfig:
     top_k: int = 10
     workers: int | None = None
     fault: str | None = None
+    tls: ChannelTls | None = None  # [aggregator] ca and name: the holder channel runs over TLS (pilot CA)
 
 
 def load_holder_config(path: str | os.PathLike[str]) -> HolderConfig:
@@ -88,6 +94,10 @@ def load_holder_config(path: str | os.PathLike[str]) -> HolderConfig:
     lo, hi = float(get("data", "rating_min", 1.0)), float(get("data", "rating_max", 5.0))
     if not lo < hi:
         raise ConfigError(f"{path}: data.rating_min must be below data.rating_max")
+    if (get("aggregator", "ca") is None) != (get("aggregator", "name") is None):
+        raise ConfigError(f"{path}: aggregator.ca and aggregator.name go together (TLS to the aggregator)")
+    tls = None if get("aggregator", "ca") is None else aggregator_client_tls(resolve(get("aggregator", "ca")),
+                                                                             get("aggregator", "name"), path)
     return HolderConfig(
         id=get("holder", "id"), dir=resolve(get("holder", "dir")), train=resolve(get("data", "train")),
         test=resolve(get("data", "test")), rating_range=(lo, hi), release=resolve(get("federated", "release")),
@@ -97,7 +107,7 @@ def load_holder_config(path: str | os.PathLike[str]) -> HolderConfig:
         max_users=get("federated", "max_users"), max_holders=get("federated", "max_holders"),
         run_id=get("federated", "run_id"), wait_s=_positive(path, "federated.wait_s", get("federated", "wait_s", 600.0)),
         public_key=resolve(get("key", "public_key")), fingerprint=get("key", "fingerprint"),
-        top_k=get("federated", "top_k", 10), workers=get("holder", "workers"), fault=fault,
+        top_k=get("federated", "top_k", 10), workers=get("holder", "workers"), fault=fault, tls=tls,
     )
 
 
@@ -154,7 +164,7 @@ class ComputeConfig:
 
 def load_compute_config(path: str | os.PathLike[str]) -> ComputeConfig:
     path = Path(path)
-    required = [("party", "name"), ("party", "rank"), ("party", "world_size"), ("network", "rendezvous"),
+    required = [("party", "name"), ("party", "rank"), ("party", "world_size"),
                 *[("federated", key) for key in ("catalogue", "release", "channel", "holders", "rounds", "factors",
                                                   "clip", "max_users", "run_id")],
                 ("paillier", "fingerprint"), ("output", "dir")]
@@ -165,9 +175,15 @@ def load_compute_config(path: str | os.PathLike[str]) -> ComputeConfig:
     if not all(holders) or len(set(holders)) != len(holders):
         raise ConfigError(f"{path}: federated.holders must list distinct holder ids, separated by commas")
     rank, world_size = raw["party"]["rank"], raw["party"]["world_size"]
+    network = raw.get("network", {})
     try:
-        endpoint = Endpoint(rank=rank, world_size=world_size, rendezvous=raw["network"]["rendezvous"], dealer="ttp",
-                            timeout_s=float(raw["network"].get("timeout_s", 30.0)))
+        if network.get("transport", "gloo") == "gloo" and "rendezvous" not in network:
+            raise ConfigError("missing required setting network.rendezvous")
+        # The TLS mesh names every process, the dealer (rank world_size) included.
+        tls = parse_tls(network, raw.get("tls", {}), raw.get("peer"), base=path.parent, rank=rank,
+                        processes=world_size + 1, name=raw["party"]["name"])
+        endpoint = Endpoint(rank=rank, world_size=world_size, rendezvous=network.get("rendezvous", ""), dealer="ttp",
+                            timeout_s=float(network.get("timeout_s", 30.0)), tls=tls)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if endpoint.is_dealer:

@@ -156,14 +156,14 @@ def run_holder(config: HolderConfig) -> dict[str, Any]:
             body = b"GARBAGE " + os.urandom(64).hex().encode()
         encrypted = time.perf_counter()
         header = {"kind": "contribution", "round": round_id}
-        reply, _ = request(config.aggregator, header, body, wait_s=config.wait_s)
+        reply, _ = request(config.aggregator, header, body, wait_s=config.wait_s, tls=config.tls)
         if reply.get("status") != "accepted":
             raise PeerError(f"holder {config.id}: the aggregator refused its round-{round_id} update: "
                             f"{reply.get('reason', 'no reason given')}")
         record["rounds"].append({
             "round": round_id, "compute_s": computed - started, "encrypt_s": encrypted - computed,
             "seconds": time.perf_counter() - started, "ciphertexts": len(message.ciphertexts),
-            # both frames with their 8-byte length prefixes, as ingest.transport sends them
+            # both frames with their 8-byte length prefixes, as ingest.transport sends them (TLS adds its records')
             "bytes_sent": 16 + len(json.dumps({**header, "body": True}).encode()) + len(body),
             "clipped_users": int((contribution.scales < 1).sum()),
         })

@@ -62,6 +62,7 @@ class FederatedOptions:
     paillier_bits: int = 2048
     holder_faults: dict[str, str] | None = None
     wait_s: float = 1800.0
+    transport: str = "gloo"  # "tls": compute mesh and holder channel over TLS 1.3 with a throw-away pilot CA
 
     @classmethod
     def from_cli(cls, options: dict[str, Any]) -> "FederatedOptions":
@@ -76,8 +77,6 @@ class FederatedOptions:
         for flag, name in (("save_shares", "--save-shares"), ("benchmark_exact_rmse", "--benchmark-exact-rmse")):
             if options.get(flag):
                 raise ConfigError(f"{name} belongs to the joint mode; --mode federated keeps no shared model")
-        if options.get("transport", "gloo") != "gloo":
-            raise ConfigError("--mode federated runs over gloo on loopback; --transport tls is not wired in yet")
         lo, hi = options["rating_range"]
         if not lo < hi:
             raise ConfigError(f"--rating-range: smallest rating {lo} must be below largest {hi}")
@@ -96,7 +95,8 @@ class FederatedOptions:
                    seed=options["seed"], test_fraction=options["test_fraction"], rating_range=(lo, hi),
                    out=options["out"], timeout_s=options["timeout_s"], privacy=privacy, clip=options["dp_clip"] or cls.clip,
                    ledger_dir=options["ledger_dir"],
-                   paillier_bits=1024 if options.get("insecure_1024_bit_key") else 2048, holder_faults=faults or None)
+                   paillier_bits=1024 if options.get("insecure_1024_bit_key") else 2048, holder_faults=faults or None,
+                   transport=options.get("transport", "gloo"))
 
 
 def _load(options: FederatedOptions) -> tuple[Ratings, str]:
@@ -158,13 +158,14 @@ def run_federated(options: FederatedOptions) -> dict[str, Any]:
         channel = f"127.0.0.1:{free_port()}"
         release = workdir / "release" / "items.npz"
         release.parent.mkdir()
+        network = _network(options, workdir)
         processes = _write_parties(options, workdir, staging, channel, release, holder_ids, max_users, run_id,
-                                   timestamp, digest, public_key.fingerprint)
+                                   timestamp, digest, public_key.fingerprint, network)
         holders_root = options.out / "holders"
         for k, hid in enumerate(holder_ids):
             processes.append(_write_holder(options, workdir, holders_root / hid, hid, train.subset(train_holder == k),
                                            test.subset(test_holder == k), channel, release, max_users, run_id,
-                                           public_key.fingerprint))
+                                           public_key.fingerprint, tls=network["tls"] is not None))
         results = _run(processes, options)
         secure_s = time.perf_counter() - started
         summary = _summarise(options, processes, results, holder_ids, holders_root, train, test, catalogue, secure_s,
@@ -184,15 +185,36 @@ def run_federated(options: FederatedOptions) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _network(options: FederatedOptions, workdir: Path) -> dict[str, Any]:
+    """The compute parties' and the dealer's [network] (and, over TLS, [tls] and [[peer]]) settings.
+
+    ``--transport tls``: a throw-away pilot CA and one certificate per compute party and the
+    dealer (as the joint mode's ``launch.write_deployment``); holders get only the CA.
+    """
+    names = [f"party-{rank}" for rank in range(options.parties)] + ["dealer"]
+    if options.transport != "tls":
+        return {"network": {"rendezvous": f"tcp://127.0.0.1:{free_port()}"}, "tls": None, "peers": None}
+    from mpc_rec.transport.certs import loopback_tls
+
+    peers, tls = loopback_tls(workdir / "certs", names, [free_port() for _ in names])
+    return {"network": {"transport": "tls"}, "tls": tls, "peers": peers}
+
+
+def _with_network(network: dict[str, Any], name: str, timeout_s: float) -> dict[str, Any]:
+    sections: dict[str, Any] = {"network": {**network["network"], "timeout_s": timeout_s}}
+    if network["tls"] is not None:
+        sections.update(tls=network["tls"][name], peer=network["peers"])
+    return sections
+
+
 def _write_parties(options, workdir, staging, channel, release, holder_ids, max_users, run_id, timestamp, digest,
-                   fingerprint) -> list[_Party]:
-    rendezvous = f"tcp://127.0.0.1:{free_port()}"
+                   fingerprint, network) -> list[_Party]:
     parties = []
     for rank in range(options.parties):
         name = f"party-{rank}"
         document: dict[str, Any] = {
             "party": {"name": name, "rank": rank, "world_size": options.parties},
-            "network": {"rendezvous": rendezvous, "timeout_s": options.timeout_s},
+            **_with_network(network, name, options.timeout_s),
             "federated": {"catalogue": "catalogue.txt", "release": str(release), "channel": channel,
                           "holders": ",".join(holder_ids), "rounds": options.rounds, "factors": options.factors,
                           "learning_rate": options.learning_rate, "momentum": options.momentum,
@@ -214,9 +236,9 @@ def _write_parties(options, workdir, staging, channel, release, holder_ids, max_
         write_text_atomic(path, dump_toml(document))
         parties.append(_Party(name, rank, path, options.out / name, staging / name))
     # The dealer sits idle while holders work (a round needs no Beaver triples), so it
-    # waits on gloo as long as a round may take.
+    # waits on its peers (gloo or TLS) as long as a round may take.
     dealer = {"party": {"name": "dealer", "role": "dealer", "rank": options.parties, "world_size": options.parties},
-              "network": {"rendezvous": rendezvous, "timeout_s": min(3600.0, options.wait_s + 60)},
+              **_with_network(network, "dealer", min(3600.0, options.wait_s + 60)),
               "dealer": {"kind": "ttp"}}
     write_text_atomic(workdir / "dealer.toml", dump_toml(dealer))
     parties.append(_Party("dealer", options.parties, workdir / "dealer.toml", None))
@@ -224,7 +246,7 @@ def _write_parties(options, workdir, staging, channel, release, holder_ids, max_
 
 
 def _write_holder(options, workdir, folder: Path, hid, own_train, own_test, channel, release, max_users, run_id,
-                  fingerprint) -> _Party:
+                  fingerprint, *, tls: bool) -> _Party:
     folder.mkdir(parents=True, exist_ok=True)
     write_ratings_csv(own_train, folder / "train.csv")
     data = {"train": "train.csv", "rating_min": options.rating_range[0], "rating_max": options.rating_range[1]}
@@ -242,6 +264,11 @@ def _write_holder(options, workdir, folder: Path, hid, own_train, own_test, chan
                       "max_holders": options.holders, "run_id": run_id, "wait_s": options.wait_s},
         "key": {"public_key": "paillier-public.json", "fingerprint": fingerprint},
     }
+    if tls:  # the holder authenticates the aggregator; it has no pilot certificate of its own
+        shutil.copyfile(workdir / "certs" / "ca.pem", folder / "pilot-ca.pem")
+        document["aggregator"] = {"ca": "pilot-ca.pem", "name": "party-1"}
+    elif (folder / "pilot-ca.pem").exists():
+        (folder / "pilot-ca.pem").unlink()
     if options.holder_faults and hid in options.holder_faults:
         document["simulate"] = {"fault": options.holder_faults[hid]}
     path = folder / "holder.toml"

@@ -24,7 +24,7 @@ from mpc_rec.config import read_toml_with_schema
 from mpc_rec.data import dense_matrices, load_ratings, read_catalogue, sort_ids
 from mpc_rec.errors import ConfigError, InputError, PeerError
 from mpc_rec.ingest.codes import IngestSpec, contributor_vector, encode_rows
-from mpc_rec.ingest.transport import ChannelTls, request
+from mpc_rec.ingest.transport import ChannelTls, aggregator_client_tls, request
 from mpc_rec.paillier.contributor import make_contribution
 from mpc_rec.paillier.errors import RejectedContribution
 from mpc_rec.paillier.keys import generate_keypair, load_public_key
@@ -68,8 +68,8 @@ def load_contributor_config(path: str | os.PathLike[str]) -> ContributorConfig:
     resolve = lambda value: None if value is None else (path.parent / value).resolve()  # noqa: E731
     if (get("aggregator", "ca") is None) != (get("aggregator", "name") is None):
         raise ConfigError(f"{path}: aggregator.ca and aggregator.name go together (TLS to the aggregator)")
-    tls = None if get("aggregator", "ca") is None else _aggregator_tls(resolve(get("aggregator", "ca")),
-                                                                       get("aggregator", "name"), path)
+    tls = None if get("aggregator", "ca") is None else aggregator_client_tls(resolve(get("aggregator", "ca")),
+                                                                             get("aggregator", "name"), path)
     return ContributorConfig(
         id=get("contributor", "id"), round=get("contributor", "round", 0), train=resolve(get("data", "train")),
         test=resolve(get("data", "test")), catalogue=resolve(get("data", "catalogue")),
@@ -78,21 +78,6 @@ def load_contributor_config(path: str | os.PathLike[str]) -> ContributorConfig:
         public_key=resolve(get("key", "public_key")), fingerprint=get("key", "fingerprint"),
         stat_bits=get("key", "stat_bits", 40), workers=get("contributor", "workers"), fault=fault, tls=tls,
     )
-
-
-def _aggregator_tls(ca: Path, name: str, path: Path) -> ChannelTls:
-    """TLS 1.3 that authenticates the aggregator (pilot CA, and its name); contributors
-    hold no pilot certificate of their own."""
-    import ssl
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.check_hostname = False  # the name is checked against the certificate instead
-    try:
-        context.load_verify_locations(cafile=str(ca))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{path}: aggregator.ca {ca}: cannot load the pilot CA certificate: {exc}") from None
-    return ChannelTls(context, aggregator=name)
 
 
 def run_contributor(config: ContributorConfig) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from mpc_rec.errors import ConfigError, PeerError
@@ -47,6 +48,20 @@ class ChannelTls:
     context: ssl.SSLContext
     aggregator: str = ""
     party_kinds: dict[str, frozenset[str]] = field(default_factory=dict)
+
+
+def aggregator_client_tls(ca: Path, name: str, config_path: Path) -> ChannelTls:
+    """TLS 1.3 that authenticates the aggregator (pilot CA, and its name) for a client that
+    holds no pilot certificate of its own (a contributor, a federated data holder)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False  # the name is checked against the certificate instead
+    try:
+        context.load_verify_locations(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{config_path}: aggregator.ca {ca}: cannot load the pilot CA certificate: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    return ChannelTls(context, aggregator=name)
 
 
 def _names(sock: ssl.SSLSocket) -> set[str]:

@@ -271,6 +271,10 @@ def build_from_files(data: Path, cohorts_path: Path, out: Path, *, parties: int,
     from mpc_rec.data import load_ratings, partition_users, sort_ids
     from mpc_rec.serving.local import read_cohorts
 
+    out = Path(out)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):  # before any budget is spent on a release
+        raise InputError(f"{out}: cannot write the release there (no such folder, or not writable)")
     ratings = load_ratings(data)
     cohorts_path = Path(cohorts_path)
     if not cohorts_path.exists():
