@@ -5,8 +5,9 @@ to H data holders (disjoint), gives each holder its own folder with its own file
 the key holder's set-up step (a Paillier key pair; the private half only in party 0's
 file, mode 0600), writes one configuration per process, starts N compute parties, the
 dealer and H holders, and afterwards reports the run's metrics as the compute parties
-released them (the evaluation round: noised, clipped sums; protocols/federated.md). Holder folders (``OUT/holders/<id>/``) persist across
-runs, like a device's storage: a ``controls.json`` left there applies to the next run.
+released them (the evaluation round: noised, clipped sums; protocols/federated.md).
+Holder folders (``OUT/holders/<id>/``) persist across runs, like a device's storage: a
+``controls.json`` left there applies to the next run.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from mpc_rec import __version__
 from mpc_rec.config import dump_toml
 from mpc_rec.data import Ratings, load_ratings, split_train_test, synthetic_ratings, write_catalogue, write_ratings_csv
 from mpc_rec.errors import ConfigError, DataError
-from mpc_rec.federated.config import DEFAULT_CLIP_EVAL, HOLDER_FAULTS
+from mpc_rec.federated.config import HOLDER_FAULTS
 from mpc_rec.federated.holder import peak_memory_mb
 from mpc_rec.files import write_text_atomic
-from mpc_rec.launch import _Party, _wait_all, free_port, parse_faults
+from mpc_rec.launch import DEFAULT_PRIVACY, _Party, _wait_all, free_port, parse_faults
 from mpc_rec.mpc.session import THREADS_ENV
 from mpc_rec.paillier.keys import generate_keypair, save_private_key, save_public_key
 
@@ -62,7 +63,7 @@ class FederatedOptions:
     paillier_bits: int = 2048
     holder_faults: dict[str, str] | None = None
     wait_s: float = 1800.0
-    clip_eval: float = DEFAULT_CLIP_EVAL
+    clip_eval: float = DEFAULT_PRIVACY["clip_eval"]  # the joint mode's C_eval
     benchmark_exact_rmse: bool = False  # also open the exact test sums: NOT covered by the DP guarantee
 
     @property
