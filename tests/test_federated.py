@@ -440,6 +440,38 @@ def test_one_user_moves_the_holder_sum_by_at_most_the_accounted_sensitivity():
     assert clip * 2**16 < worst <= 2 * clip * 2**16  # users at the bound, never above 2C
 
 
+def test_one_user_moves_the_evaluation_sums_by_at_most_the_accounted_sensitivity():
+    from mpc_rec.federated.evaluation import clipped_user_units
+    from mpc_rec.federated.model import UserMetrics
+
+    rng = np.random.default_rng(8)
+    clip_eval = 3.3  # not on the 2^-16 grid: the recall and flag entries must still stay within it
+    n = 400
+    counts = rng.integers(0, 60, n).astype(float)
+    figures = UserMetrics(counts * rng.uniform(0, 16, n) * rng.integers(0, 2, n), counts,
+                          rng.uniform(0, 1, n) * (counts > 0), (counts > 0).astype(float))
+    # extreme users: all error and no count, all count and no error, nothing at all
+    figures.squared_error[:3], figures.test_ratings[:3] = [1e6, 0.0, 0.0], [0.0, 1e6, 0.0]
+    figures.recall[:3], figures.has_relevant[:3] = [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]
+    units = clipped_user_units(figures, clip_eval).astype(float)
+    assert units.min() >= 0 and units.max() <= clip_eval * 2**16
+    assert np.hypot(units[:, 0], units[:, 1]).max() <= clip_eval * 2**16
+    # replacing one user's data by another's changes the sum by the difference of their vectors
+    worst = max(np.linalg.norm(units[:, None, :] - units[None, k, :], axis=2).max() for k in range(n))
+    assert 1.99 * clip_eval * 2**16 < worst <= 2 * clip_eval * 2**16
+
+
+def test_evaluation_sums_outside_the_public_range_are_refused_before_encryption():
+    from mpc_rec.paillier.contributor import make_contribution
+    from mpc_rec.paillier.errors import ContributionInputError
+
+    public_key, _ = generate_keypair(1024, allow_insecure_size=True)
+    spec = evaluation_spec(public_key.bits, max_holders=4)
+    assert len(make_contribution(public_key, spec, "h001", 5, [2.0**30 - 1, 1e6, 0.5, 3.0]).ciphertexts) == 1
+    with pytest.raises(ContributionInputError, match="h001"):
+        make_contribution(public_key, spec, "h001", 5, [2.0**31, 1e6, 0.5, 3.0])
+
+
 def test_user_step_is_each_users_ridge_solution():
     rng = np.random.default_rng(6)
     data = _random_ratings(rng, 5, 30, 8)
