@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,13 +18,14 @@ from scipy import stats
 from conftest import assert_one_line_error, mpc_rec_command, run_cli
 from mpc_harness import run_parties
 from mpc_rec.config import dump_toml
-from mpc_rec.data import Ratings, synthetic_ratings, write_ratings_csv
+from mpc_rec.data import Ratings, load_ratings, split_train_test, synthetic_ratings, write_ratings_csv
+from mpc_rec.dp.accounting import NoisePlan, epsilon_spent
 from mpc_rec.dp.ledger import load_ledger
+from mpc_rec.federated.evaluation import evaluation_spec
 from mpc_rec.federated.holder import packing_spec
 from mpc_rec.federated.model import LocalRatings, initial_items, item_contribution, user_step
 from mpc_rec.holder import Controls, ItemRelease, load_release, write_controls_atomic, write_release_atomic
 from mpc_rec.ingest.transport import recv_frame, send_frame
-from mpc_rec.launch import free_port
 from mpc_rec.paillier import _crypto
 from mpc_rec.paillier.keys import generate_keypair, save_public_key
 from mpc_rec.paillier.messages import Contribution
@@ -42,7 +43,8 @@ def federated_run(tmp_path_factory):
     out, ledgers = root / "out", root / "ledgers"
     done = run_cli("run", "--mode", "federated", "--holders", "3", "--parties", "2", "--data", str(data),
                    "--epochs", "5", "--regularization", "5", "--epsilon", "8", "--insecure-1024-bit-key",
-                   "--out", str(out), "--ledger-dir", str(ledgers), "--timeout", "120", timeout=600)
+                   "--benchmark-exact-rmse", "--out", str(out), "--ledger-dir", str(ledgers), "--timeout", "120",
+                   timeout=600)
     return done, out, ledgers
 
 
@@ -52,17 +54,41 @@ def test_federated_run_learns_with_dp_and_accounts_for_it(federated_run):
     summary = json.loads((out / "summary.json").read_text())
     metrics, privacy = summary["metrics"], summary["privacy"]
     assert summary["mode"] == "federated"
-    assert math.isfinite(metrics["rmse"]) and metrics["rmse"] < metrics["rmse_item_mean_baseline"] - 0.02, metrics
-    assert 0 < metrics["recall_at_10"] < 1 and metrics["recall_users"] > 500
+    exact_rmse = metrics["rmse_exact_unprotected"]
+    assert math.isfinite(exact_rmse) and exact_rmse < metrics["rmse_item_mean_baseline"] - 0.02, metrics
+    assert 0 < metrics["recall_exact_unprotected"] < 1 and 0 < metrics["recall_at_10"] < 1
+    assert "NOT covered" in metrics["exact_note"] and "NOT covered" in privacy["benchmark_exact_rmse"]
     assert privacy["mode"] == "dp" and 0 < privacy["epsilon"] <= 8 and privacy["delta"] == 1e-5
-    assert privacy["rounds"] == 5 and privacy["sigma_total"] > 0 and privacy["clipping"]["step"] == 0.1
+    assert privacy["rounds"] == 5 and privacy["sigma_total"] > 0 and privacy["clipping"] == {"step": 0.1, "eval": 10.0}
     assert privacy["mechanism"] == "distributed-discrete-gaussian" and "1 of the 2" in privacy["trust"]
-    # the only openings: one noised item-side sum per round, each a different step of the plan
-    assert [(r["tag"], r["release"], r["index"]) for r in summary["reveals"]] == [("Noised", "step", i) for i in range(5)]
+    # the only openings: one noised item-side sum per round, each a different step of the plan, then
+    # the evaluation sums as the plan's one mean release, and the exact sums asked for by the flag
+    assert [(r["tag"], r.get("release"), r.get("index")) for r in summary["reveals"]] == [
+        *[("Noised", "step", i) for i in range(5)], ("Noised", "mean", 0), ("DeclaredPublic", None, None)]
+    assert "NOT covered" in summary["reveals"][-1]["reason"]
     assert [r["holders_aggregated"] for r in summary["rounds"]] == [3] * 5
-    for rank in range(2):  # each compute party booked the run's epsilon before the first round
+    assert summary["evaluation"]["holders_aggregated"] == 3 and summary["evaluation"]["round"] == 5
+    # the plan covers the evaluation (one mean release of sensitivity 2 C_eval), and its epsilon,
+    # booked by each compute party before the first round, is more than the rounds' alone
+    parties = [json.loads((out / f"party-{rank}" / "party.json").read_text()) for rank in range(2)]
+    plan = NoisePlan.from_dict(parties[0]["plan"])
+    assert plan.mean_releases == 1 and plan.sensitivities["mean"] == 20.0 and plan.epsilon == privacy["epsilon"]
+    assert epsilon_spent(dataclasses.replace(plan, mean_releases=0)) < privacy["epsilon"] - 0.1
+    for rank in range(2):
         entries = load_ledger(ledgers / f"party-{rank}.json").datasets[privacy["dataset"]]
         assert [e.epsilon for e in entries] == [privacy["epsilon"]]
+        assert parties[rank]["evaluation"]["released_sums"] == metrics["released_sums"]  # one opened value
+    # the released sums are the clipped sums of an independent computation plus noise of the plan's size
+    clipped, exact = _reference_sums(out, [h["id"] for h in summary["holders"]], clip_eval=10.0)
+    assert np.allclose(summary["evaluation"]["exact_sums_unprotected"], exact, rtol=0, atol=1e-3)
+    assert metrics["rmse_exact_unprotected"] == pytest.approx(math.sqrt(exact[0] / exact[1]), abs=1e-6)
+    assert metrics["recall_exact_unprotected"] == pytest.approx(exact[2] / exact[3], abs=1e-6)
+    noise = np.array(metrics["released_sums"]) - clipped
+    noise_std = math.sqrt(2 * plan.mean_party_variance_units) * 2.0**-16  # both parties add their noise
+    assert np.all(noise != 0) and np.all(np.abs(noise) < 6 * noise_std), (noise, noise_std)
+    assert metrics["rmse"] == pytest.approx(math.sqrt(metrics["released_sums"][0] / metrics["released_sums"][1]))
+    assert metrics["rmse"] != pytest.approx(math.sqrt(clipped[0] / clipped[1]), abs=1e-6)
+    assert summary["evaluation"]["noise_sigma"] == pytest.approx(plan.mean_sigma_total)
     users = set()
     for holder in summary["holders"]:
         folder = out / "holders" / holder["id"]
@@ -75,6 +101,42 @@ def test_federated_run_learns_with_dp_and_accounts_for_it(federated_run):
         users |= own
         assert holder["bytes_sent_per_round"] > 0 and holder["ciphertexts_per_round"] > 0
     assert len(users) == 1000
+
+
+def _user_figures(train: Ratings, test: Ratings, user: str, p, b, release, top_k=10):
+    """(SSE, count, recall, has a relevant item) of one user: a slow reference, one user at a time."""
+    items = {item: k for k, item in enumerate(release.item_ids)}
+    rows = test.users.astype(str) == user
+    rated = [items[i] for i in test.items[rows]]
+    predicted = np.clip(release.mean + b + release.biases[rated] + release.factors[rated] @ p, 1.0, 5.0)
+    sse = float(((predicted - test.values[rows]) ** 2).sum())
+    relevant = {items[i] for i, v in zip(test.items[rows], test.values[rows]) if v >= 4}
+    if not relevant:
+        return sse, float(rows.sum()), 0.0, 0.0
+    seen = {items[i] for i in train.items[train.users.astype(str) == user]}
+    order = [i for i in np.argsort(-(release.factors @ p + release.biases), kind="stable") if i not in seen]
+    return sse, float(rows.sum()), len(relevant & set(order[:top_k])) / len(relevant), 1.0
+
+
+def _clipped_units(sse, count, recall, flag, clip_eval):
+    scale = min(1.0, (clip_eval - math.sqrt(2) * 2.0**-17) / math.hypot(sse, count)) if count else 1.0
+    side = math.floor(clip_eval * 2**16)
+    return np.rint([scale * sse * 2**16, scale * count * 2**16, recall * side, flag * side])
+
+
+def _reference_sums(out: Path, holder_ids, *, clip_eval):
+    """(clipped sums, exact sums) over every holder's users, from the files each holder keeps."""
+    clipped, exact = np.zeros(4), np.zeros(4)
+    for hid in holder_ids:
+        folder = out / "holders" / hid
+        release = load_release(folder / "items.npz")
+        train, test = load_ratings(folder / "train.csv"), load_ratings(folder / "test.csv")
+        with np.load(folder / "users.npz") as state:
+            for user, p, b in zip(state["user_ids"].tolist(), state["factors"], state["biases"]):
+                figures = _user_figures(train, test, user, p, float(b), release)
+                exact += figures
+                clipped += _clipped_units(*figures, clip_eval)
+    return clipped / 2**16, exact
 
 
 # --- what leaves a holder ---------------------------------------------------------------
@@ -136,14 +198,17 @@ def test_holder_sends_only_ciphertexts_and_controls_change_the_next_round(tmp_pa
                       np.array([f"film-{i}" for i in raw.items], dtype=object), raw.values)
     catalogue = sorted(set(ratings.items))
     users = sorted(set(ratings.users))
-    write_ratings_csv(ratings, tmp_path / "train.csv")
+    train, held_out = split_train_test(ratings, test_fraction=0.2, seed=1)
+    write_ratings_csv(train, tmp_path / "train.csv")
+    write_ratings_csv(held_out, tmp_path / "test.csv")
     public_key, private_key = generate_keypair(1024, allow_insecure_size=True)
     _, other_key = generate_keypair(1024, allow_insecure_size=True)
     save_public_key(tmp_path / "public.json", public_key)
     recorder = _Recorder()
     release_path, holder_dir, k, clip, run_id = tmp_path / "release" / "items.npz", tmp_path / "holder", 3, 0.5, "run-x"
     release_path.parent.mkdir()
-    config = {"holder": {"id": "h001", "dir": str(holder_dir), "workers": 1}, "data": {"train": "train.csv"},
+    config = {"holder": {"id": "h001", "dir": str(holder_dir), "workers": 1},
+              "data": {"train": "train.csv", "test": "test.csv"},
               "federated": {"release": str(release_path), "aggregator": recorder.address, "rounds": 2,
                             "regularization": 5.0, "clip": clip, "max_users": 30, "max_holders": 4, "run_id": run_id,
                             "wait_s": 60.0},
@@ -161,7 +226,7 @@ def test_holder_sends_only_ciphertexts_and_controls_change_the_next_round(tmp_pa
         recorder.wait_for(1)
         # between rounds, user 3 excludes one rated item (a gift) and user 7 deletes their history
         excluded_user, forgotten = users[3], users[7]
-        excluded_item = ratings.items[ratings.users == excluded_user][0]
+        excluded_item = train.items[train.users == excluded_user][0]
         holder_dir.mkdir(exist_ok=True)
         write_controls_atomic(holder_dir / "controls.json",
                               Controls({excluded_user: frozenset({excluded_item})}, frozenset({forgotten})))
@@ -172,11 +237,11 @@ def test_holder_sends_only_ciphertexts_and_controls_change_the_next_round(tmp_pa
     finally:
         holder.kill()
     assert holder.returncode == 0, stderr
-    assert len(recorder.connections) == 2
+    assert len(recorder.connections) == 3  # two rounds, then the evaluation round
     spec = packing_spec(public_key.bits, clip=clip, max_users=30, max_holders=4)
     without = np.array([not (u == forgotten or (u == excluded_user and i == excluded_item))
-                        for u, i in zip(ratings.users, ratings.items)])
-    for round_id, (frames, data) in enumerate(zip(recorder.connections, [ratings, ratings.subset(without)])):
+                        for u, i in zip(train.users, train.items)])
+    for round_id, (frames, data) in enumerate(zip(recorder.connections, [train, train.subset(without)])):
         assert len(frames) == 2  # one header, one body, nothing else
         assert json.loads(frames[0]) == {"kind": "contribution", "round": round_id, "body": True}
         document = json.loads(frames[1])
@@ -200,8 +265,28 @@ def test_holder_sends_only_ciphertexts_and_controls_change_the_next_round(tmp_pa
         except PackingError:
             wrong = None
         assert wrong is None or not np.array_equal(wrong, expected.reshape(-1))
-    first, second = (Contribution.from_bytes(frames[1]) for frames in recorder.connections)
+    first, second = (Contribution.from_bytes(frames[1]) for frames in recorder.connections[:2])
     assert set(first.ciphertexts).isdisjoint(second.ciphertexts)
+    # the evaluation round: one more contribution of the same form, one ciphertext, holding only
+    # the sum of the users' clipped test figures (this round's controls applied)
+    frames = recorder.connections[2]
+    assert len(frames) == 2 and json.loads(frames[0]) == {"kind": "contribution", "round": 2, "body": True}
+    assert set(json.loads(frames[1])) == {"type", "version", "contributor", "round", "fingerprint", "spec", "length",
+                                          "ciphertexts"}
+    message = Contribution.from_bytes(frames[1])
+    assert (message.contributor, message.round, message.length, len(message.ciphertexts)) == ("h001", 2, 4, 1)
+    assert _crypto.is_valid_ciphertext(public_key.n, message.ciphertexts[0])
+    assert not any(name.encode() in b"".join(frames) for name in (*users, *catalogue, "person", "film"))
+    release = releases[2]
+    p, b = user_step(_local(train.subset(without), users, catalogue), release.factors, release.biases, release.mean, 5.0)
+    kept_test = held_out.subset(held_out.users != forgotten)
+    expected = sum(_clipped_units(*_user_figures(train, kept_test, user, p[k], float(b[k]), release), 10.0)
+                   for k, user in enumerate(users))
+    decrypted = _decrypt(private_key, message, evaluation_spec(public_key.bits, max_holders=4))
+    assert np.array_equal(decrypted, expected.astype(np.int64)) and expected[1] > 0 and expected[3] > 0
+    record = json.loads((holder_dir / "holder.json").read_text())  # what the launcher reads: no metric
+    assert set(record) == {"holder", "users", "train_ratings", "rounds", "evaluation", "peak_memory_mb"}
+    assert set(record["evaluation"]) == {"round", "compute_s", "encrypt_s", "ciphertexts", "bytes_sent"}
     with np.load(holder_dir / "users.npz") as state:
         assert forgotten not in state["user_ids"].tolist() and len(state["user_ids"]) == len(users) - 1
 
@@ -241,6 +326,41 @@ def test_federated_reveal_adds_the_planned_noise():
     assert 0.0005 < stats.chi2.cdf(chi2, SIZE - 1) < 0.9995, (noise.var(), expected_variance)
     assert abs(noise.mean()) < 5 * np.sqrt(expected_variance / SIZE)
     assert stats.kstest(noise / np.sqrt(expected_variance), "norm").pvalue > 1e-4
+
+
+def _reveal_evaluations(session, plan, values):
+    """A --no-dp evaluation of the exact part, then a DP one with the exact part: one session."""
+    from mpc_rec.dp.reveal import RevealLog
+    from mpc_rec.federated.evaluation import reveal_evaluation
+    from mpc_rec.paillier.party import shares_to_mpc
+
+    out = []
+    for run_plan, kind, vector in ((None, "exact", values[4:]), (plan, "clipped+exact", values)):
+        total = shares_to_mpc(vector if session.endpoint.rank == 0 else None, length=len(vector))
+        log = RevealLog(plan_digest=None if run_plan is None else run_plan.digest())
+        released = reveal_evaluation(total, run_plan, kind, log)
+        out.append((released, [(type(tag).__name__, getattr(tag, "release", None)) for _, tag in log.entries]))
+    return out
+
+
+def test_the_evaluation_release_is_exact_without_dp_and_noised_with_a_tiny_epsilon():
+    from mpc_rec.dp.accounting import calibrate
+    from mpc_rec.dp.clipping import ClipBounds
+
+    # clipped sums (SSE, count, 10 x recall sum, 10 x users with a relevant item), then the exact ones
+    values = np.rint(np.array([1500.25, 1400.5, 61.0, 700.0, 1900.75, 2100.0, 6.5, 70.0]) * 2**16).astype(np.int64)
+    plan = calibrate(target_epsilon=0.05, delta=1e-5, steps=1, clip=ClipBounds(step=0.1, mean=10.0), dimension=10,
+                     parties=2, trusted_parties=1, mean_releases=1)
+    (exact, tags), (noisy, noisy_tags) = run_parties(_reveal_evaluations, 2, plan, values, timeout_s=120.0)[0]
+    assert tags == [("DeclaredPublic", None)]
+    assert exact["released_sums"] == [1900.75, 2100.0, 6.5, 70.0]  # every fixed-point unit kept
+    assert exact["rmse"] == exact["rmse_exact_unprotected"] == pytest.approx(math.sqrt(1900.75 / 2100.0), abs=1e-12)
+    assert exact["recall"] == pytest.approx(6.5 / 70.0, abs=1e-12)
+    assert noisy_tags == [("Noised", "mean"), ("DeclaredPublic", None)]
+    assert noisy["rmse_exact_unprotected"] == exact["rmse"] and noisy["noise_sigma"] == plan.mean_sigma_total > 1000
+    assert noisy["released_sums"] != [1500.25, 1400.5, 61.0, 700.0]
+    assert noisy["rmse"] != pytest.approx(math.sqrt(1500.25 / 1400.5), abs=1e-3)
+    assert noisy["recall"] is None or 0 <= noisy["recall"] <= 1  # post-processing keeps it a proportion
 
 
 # --- bad input ----------------------------------------------------------------------------
@@ -308,6 +428,38 @@ def test_one_user_moves_the_holder_sum_by_at_most_the_accounted_sensitivity():
             sums.append(item_contribution(data, p, b, factors, biases, 3.0, clip).units)
         worst = max(worst, np.linalg.norm((sums[0] - sums[1]).astype(float)))
     assert clip * 2**16 < worst <= 2 * clip * 2**16  # users at the bound, never above 2C
+
+
+def test_one_user_moves_the_evaluation_sums_by_at_most_the_accounted_sensitivity():
+    from mpc_rec.federated.evaluation import clipped_user_units
+    from mpc_rec.federated.model import UserMetrics
+
+    rng = np.random.default_rng(8)
+    clip_eval = 3.3  # not on the 2^-16 grid: the recall and flag entries must still stay within it
+    n = 400
+    counts = rng.integers(0, 60, n).astype(float)
+    figures = UserMetrics(counts * rng.uniform(0, 16, n) * rng.integers(0, 2, n), counts,
+                          rng.uniform(0, 1, n) * (counts > 0), (counts > 0).astype(float))
+    # extreme users: all error and no count, all count and no error, nothing at all
+    figures.squared_error[:3], figures.test_ratings[:3] = [1e6, 0.0, 0.0], [0.0, 1e6, 0.0]
+    figures.recall[:3], figures.has_relevant[:3] = [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]
+    units = clipped_user_units(figures, clip_eval).astype(float)
+    assert units.min() >= 0 and units.max() <= clip_eval * 2**16
+    assert np.hypot(units[:, 0], units[:, 1]).max() <= clip_eval * 2**16
+    # replacing one user's data by another's changes the sum by the difference of their vectors
+    worst = max(np.linalg.norm(units[:, None, :] - units[None, k, :], axis=2).max() for k in range(n))
+    assert 1.99 * clip_eval * 2**16 < worst <= 2 * clip_eval * 2**16
+
+
+def test_evaluation_sums_outside_the_public_range_are_refused_before_encryption():
+    from mpc_rec.paillier.contributor import make_contribution
+    from mpc_rec.paillier.errors import ContributionInputError
+
+    public_key, _ = generate_keypair(1024, allow_insecure_size=True)
+    spec = evaluation_spec(public_key.bits, max_holders=4)
+    assert len(make_contribution(public_key, spec, "h001", 5, [2.0**30 - 1, 1e6, 0.5, 3.0]).ciphertexts) == 1
+    with pytest.raises(ContributionInputError, match="h001"):
+        make_contribution(public_key, spec, "h001", 5, [2.0**31, 1e6, 0.5, 3.0])
 
 
 def test_user_step_is_each_users_ridge_solution():

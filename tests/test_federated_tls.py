@@ -71,7 +71,7 @@ def channel(tmp_path_factory):
                 "tls": {"ca": "pilot/ca.pem", "cert": f"pilot/{name}.pem", "key": f"pilot/{name}.key"},
                 "federated": {"catalogue": "catalogue.txt", "release": "release.npz", "channel": address,
                               "holders": ",".join(HOLDERS), "rounds": 2, "factors": 2, "clip": 0.1, "max_users": 10,
-                              "run_id": run_id, "wait_s": 20.0, "deadline_s": 1.0},
+                              "run_id": run_id, "wait_s": 20.0, "deadline_s": 1.0, "evaluation": "exact"},
                 "paillier": {"fingerprint": public_key.fingerprint, "public_key": "public.json"},
                 "output": {"dir": "out"}, "peer": peers}
 

@@ -9,6 +9,8 @@ Per round r (protocols/federated.md has the message table):
 3. every rank adds its own discrete Gaussian noise to its share (``mpc.privacy``);
 4. the noised sum is opened through the reveal choke point (``guard_reveal``), the item
    side takes one public step, and rank 0 publishes release r + 1 (``items.npz``).
+After round R - 1, round R is the evaluation round: the same steps 1-4 on the holders'
+clipped test sums, noised as the plan's "mean" release (``federated/evaluation.py``).
 
 The compute parties never see a holder's update or the un-noised total: only ciphertexts,
 a masked sum (rank 0) or its own mask (rank 1), shares, and the noised total.
@@ -28,6 +30,7 @@ from mpc_rec.data import read_catalogue
 from mpc_rec.dp.reveal import RevealLog, declare_public, noised
 from mpc_rec.errors import ConfigError, PeerError
 from mpc_rec.federated.config import ComputeConfig
+from mpc_rec.federated.evaluation import evaluation_length, evaluation_spec, reveal_evaluation
 from mpc_rec.federated.holder import packing_spec, peak_memory_mb
 from mpc_rec.federated.model import ItemStep, initial_items, item_update
 from mpc_rec.files import write_text_atomic
@@ -108,10 +111,12 @@ class HolderChannel:
             self._lock.notify_all()
         return {"status": "accepted"}
 
-    def open(self, round_id: int) -> None:
+    def open(self, round_id: int, *, spec=None, length: int | None = None) -> None:
+        """Open ``round_id``; the evaluation round passes its own packing and length."""
         with self._lock:
-            self._probe = Aggregator(self.public_key, self.spec).open_round(
-                round_id, length=self.length, deadline_s=self.config.deadline_s, expected=self.config.holders)
+            self._probe = Aggregator(self.public_key, spec or self.spec).open_round(
+                round_id, length=length or self.length, deadline_s=self.config.deadline_s,
+                expected=self.config.holders)
             self._bodies = {}
             self._current = round_id
             self._lock.notify_all()
@@ -138,7 +143,11 @@ class HolderChannel:
 
 
 def _plan(config: ComputeConfig, length: int):
-    """Calibrate for (epsilon, delta) over the run's rounds and book it, before any round."""
+    """Calibrate for (epsilon, delta) over the run's rounds and its evaluation, and book it, before any round.
+
+    One noise multiplier for every release, as in the joint mode: R step releases of
+    sensitivity 2C and one "mean" release (the evaluation sums) of sensitivity 2 C_eval.
+    """
     privacy = config.privacy
     if privacy is None:
         return None, None
@@ -147,8 +156,8 @@ def _plan(config: ComputeConfig, length: int):
     from mpc_rec.dp.ledger import create_ledger, ledger_digest, reserve_for_plan
 
     plan = calibrate(target_epsilon=privacy.epsilon, delta=privacy.delta, steps=config.rounds,
-                     clip=ClipBounds(step=config.clip, mean=config.clip), dimension=length,
-                     parties=config.endpoint.world_size, trusted_parties=privacy.trusted_parties, mean_releases=0)
+                     clip=ClipBounds(step=config.clip, mean=config.clip_eval), dimension=length,
+                     parties=config.endpoint.world_size, trusted_parties=privacy.trusted_parties, mean_releases=1)
     if not privacy.ledger.exists():
         privacy.ledger.parent.mkdir(parents=True, exist_ok=True)
         create_ledger(privacy.ledger, total_epsilon=privacy.budget_epsilon, total_delta=privacy.budget_delta)
@@ -161,7 +170,7 @@ def privacy_record(config: ComputeConfig, plan: Any, ledger: str | None, *, roun
     if plan is None:
         return {"mode": "no-dp", "note": "no differential privacy: item sums revealed exactly (benchmarking only)",
                 "round": rounds_done, "rounds": config.rounds, "run_id": config.run_id,
-                "clipping": {"step": config.clip}}
+                "clipping": {"step": config.clip, "eval": config.clip_eval}, "evaluation": config.evaluation}
     from mpc_rec.dp.accounting import epsilon_spent
 
     return {
@@ -169,9 +178,13 @@ def privacy_record(config: ComputeConfig, plan: Any, ledger: str | None, *, roun
         "epsilon": plan.epsilon, "epsilon_spent": epsilon_spent(plan, steps=rounds_done) if rounds_done else 0.0,
         "target_epsilon": plan.target_epsilon, "delta": plan.delta, "mechanism": plan.mechanism,
         "accountant": plan.accountant, "sigma_total": plan.sigma_total, "sigma_party": plan.sigma_party,
-        "noise_multiplier": plan.noise_multiplier, "clipping": {"step": plan.clip.step}, "trust": plan.trust_assumption,
+        "noise_multiplier": plan.noise_multiplier, "clipping": {"step": plan.clip.step, "eval": plan.clip.mean},
+        "eval_sigma_total": plan.mean_sigma_total, "evaluation": config.evaluation, "trust": plan.trust_assumption,
         "neighbouring": "user-level (all ratings of one user), replace-one; every user in every round",
         "clipped_by": MECHANISM_NOTE, "global_mean": "public midpoint of the rating scale (no budget)",
+        "epsilon_includes": "the evaluation release (the plan's one mean release), counted in full from round 0",
+        "benchmark_exact_rmse": ("the exact test sums were revealed too: NOT covered by the DP guarantee"
+                                 if config.evaluation == "clipped+exact" else False),
         "dataset": config.privacy.dataset, "ledger_digest": ledger,
     }
 
@@ -205,6 +218,19 @@ def reveal_round_total(total: Any, plan: Any, round_id: int, log: RevealLog) -> 
     return units.astype(np.float64) / total.encoder._scale  # exact while |units| < 2^53
 
 
+def _collect(config: ComputeConfig, channel: HolderChannel | None, client_tls: ChannelTls | None, round_id: int,
+             **round_shape) -> list[bytes]:
+    """The aggregator: the holders' messages of ``round_id``; the others: wait until it has them."""
+    if channel is not None:
+        channel.open(round_id, **round_shape)
+        return channel.collect(round_id)
+    reply, _ = request(config.channel, {"kind": "wait", "round": round_id}, wait_s=config.wait_s + 60,
+                       tls=client_tls)
+    if reply.get("status") != "ok":
+        raise PeerError(f"round {round_id}: {reply.get('reason', 'the aggregator did not settle it')}")
+    return []
+
+
 def run_compute(config: ComputeConfig) -> dict[str, Any]:
     from mpc_rec.mpc.reveal import log_entries
     from mpc_rec.mpc.session import Session
@@ -218,11 +244,15 @@ def run_compute(config: ComputeConfig) -> dict[str, Any]:
     max_holders = len(config.holders)
     channel = key_holder = aggregator = None
     channel_client = holder_channel_tls(config.endpoint.tls)[0]
+    eval_length = evaluation_length(config.evaluation)
+    eval_key_holder = eval_aggregator = eval_spec = None
     if rank == AGGREGATOR:
         public_key = load_public_key(config.public_key, expected_fingerprint=config.fingerprint)
         spec = packing_spec(public_key.bits, clip=config.clip, max_users=config.max_users, max_holders=max_holders)
         aggregator = Aggregator(public_key, spec, expected_fingerprint=config.fingerprint)
         channel = HolderChannel(config, public_key, spec, length)
+        eval_spec = evaluation_spec(public_key.bits, max_holders=max_holders)
+        eval_aggregator = Aggregator(public_key, eval_spec, expected_fingerprint=config.fingerprint)
     elif rank == KEY_HOLDER:
         private_key = load_private_key(config.private_key)
         if private_key.public_key.fingerprint != config.fingerprint.lower():
@@ -230,6 +260,7 @@ def run_compute(config: ComputeConfig) -> dict[str, Any]:
         spec = packing_spec(private_key.public_key.bits, clip=config.clip, max_users=config.max_users,
                             max_holders=max_holders)
         key_holder = KeyHolder(private_key, spec)
+        eval_key_holder = KeyHolder(private_key, evaluation_spec(private_key.public_key.bits, max_holders=max_holders))
     factors, biases = initial_items(len(catalogue), config.factors, scale=config.init_scale, seed=config.seed)
     mean = sum(config.rating_range) / 2
     velocity = None
@@ -249,15 +280,7 @@ def run_compute(config: ComputeConfig) -> dict[str, Any]:
             publish(0)
             for round_id in range(config.rounds):
                 started = time.perf_counter()
-                if rank == AGGREGATOR:
-                    channel.open(round_id)
-                    contributions = channel.collect(round_id)
-                else:
-                    contributions = ()
-                    reply, _ = request(config.channel, {"kind": "wait", "round": round_id}, wait_s=config.wait_s + 60,
-                                       tls=channel_client)
-                    if reply.get("status") != "ok":
-                        raise PeerError(f"round {round_id}: {reply.get('reason', 'the aggregator did not settle it')}")
+                contributions = _collect(config, channel, channel_client, round_id)
                 collected = time.perf_counter()
                 before = session.traffic()
                 party_round = aggregate_round_in_party(
@@ -280,6 +303,15 @@ def run_compute(config: ComputeConfig) -> dict[str, Any]:
                                    "accepted": list(party_round.report.accepted),
                                    "rejected": [list(r) for r in party_round.report.rejected],
                                    "dropped": list(party_round.report.dropped)}})
+            started = time.perf_counter()
+            contributions = _collect(config, channel, channel_client, config.rounds, spec=eval_spec, length=eval_length)
+            party_round = aggregate_round_in_party(
+                session, round_id=config.rounds, length=eval_length, aggregator=eval_aggregator,
+                contributions=contributions, deadline_s=config.deadline_s, expected=config.holders,
+                key_holder=eval_key_holder)
+            evaluation = reveal_evaluation(party_round.tensor, plan, config.evaluation, reveals)
+            evaluation.update(round=config.rounds, holders_aggregated=party_round.count,
+                              seconds=time.perf_counter() - started)
             traffic = session.traffic()
     except RuntimeError as exc:  # torch.distributed reports lost or silent peers this way
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -291,7 +323,7 @@ def run_compute(config: ComputeConfig) -> dict[str, Any]:
         "role": "compute", "name": config.name, "rank": rank, "mode": "federated",
         "privacy": privacy_record(config, plan, ledger, rounds_done=config.rounds),
         "plan": None if plan is None else plan.to_dict(),
-        "reveals": log_entries(reveals), "rounds": rounds,
+        "reveals": log_entries(reveals), "rounds": rounds, "evaluation": evaluation,
         "refused": None if channel is None else channel.refused,  # the aggregator's only
         "traffic": {"bytes_sent": traffic["bytes"], "rounds": traffic["rounds"],
                     "counted_by": "CrypTen communicator (elements x 8 bytes per send or collective)"},

@@ -15,9 +15,11 @@ from typing import Any
 from mpc_rec.config import read_toml_with_schema
 from mpc_rec.errors import ConfigError
 from mpc_rec.ingest.transport import ChannelTls, aggregator_client_tls
+from mpc_rec.federated.evaluation import EVALUATIONS, MIN_CLIP
 from mpc_rec.mpc.session import Endpoint
 from mpc_rec.transport.settings import parse_tls
 
+DEFAULT_CLIP_EVAL = 10.0  # the joint mode's C_eval default (mpc_rec.launch.DEFAULT_PRIVACY)
 HOLDER_FAULTS = ("garbage",)  # simulated misbehaviour for tests: send bytes that are not a contribution
 _NUMBER = (int, float)
 
@@ -25,7 +27,8 @@ _HOLDER_SCHEMA = {
     "holder": {"id": str, "dir": str, "workers": int},
     "data": {"train": str, "test": str, "rating_min": _NUMBER, "rating_max": _NUMBER},
     "federated": {"release": str, "aggregator": str, "rounds": int, "regularization": _NUMBER, "clip": _NUMBER,
-                  "max_users": int, "max_holders": int, "run_id": str, "wait_s": _NUMBER, "top_k": int},
+                  "max_users": int, "max_holders": int, "run_id": str, "wait_s": _NUMBER, "top_k": int,
+                  "clip_eval": _NUMBER, "evaluation": str},
     "key": {"public_key": str, "fingerprint": str},
     "aggregator": {"ca": str, "name": str},  # TLS to the aggregator: the pilot CA and the name it must show
     "simulate": {"fault": str},
@@ -38,12 +41,24 @@ _PARTY_SCHEMA = {
     "federated": {"catalogue": str, "release": str, "channel": str, "holders": str, "rounds": int, "factors": int,
                   "learning_rate": _NUMBER, "momentum": _NUMBER, "item_regularization": _NUMBER,
                   "init_scale": _NUMBER, "seed": int, "clip": _NUMBER, "max_users": int, "run_id": str,
-                  "wait_s": _NUMBER, "deadline_s": _NUMBER, "rating_min": _NUMBER, "rating_max": _NUMBER},
+                  "wait_s": _NUMBER, "deadline_s": _NUMBER, "rating_min": _NUMBER, "rating_max": _NUMBER,
+                  "clip_eval": _NUMBER, "evaluation": str},
     "paillier": {"fingerprint": str, "public_key": str, "private_key": str},
     "privacy": {"epsilon": _NUMBER, "delta": float, "trusted_parties": int, "dataset": str, "timestamp": str,
                 "ledger": str, "budget_epsilon": _NUMBER, "budget_delta": float},
     "output": {"dir": str},
 }
+
+
+def _evaluation(path: Path, federated: dict[str, Any]) -> tuple[float, str]:
+    """(clip_eval, evaluation kind) of the evaluation round (mpc_rec/federated/evaluation.py)."""
+    clip_eval = float(federated.get("clip_eval", DEFAULT_CLIP_EVAL))
+    if not clip_eval >= MIN_CLIP:
+        raise ConfigError(f"{path}: federated.clip_eval must be at least {MIN_CLIP}, got {clip_eval}")
+    kind = federated.get("evaluation", "clipped")
+    if kind not in EVALUATIONS:
+        raise ConfigError(f"{path}: federated.evaluation must be one of {', '.join(EVALUATIONS)}, got '{kind}'")
+    return clip_eval, kind
 
 
 def _positive(path: Path, name: str, value: float) -> float:
@@ -74,6 +89,8 @@ class HolderConfig:
     workers: int | None = None
     fault: str | None = None
     tls: ChannelTls | None = None  # [aggregator] ca and name: the holder channel runs over TLS (pilot CA)
+    clip_eval: float = DEFAULT_CLIP_EVAL
+    evaluation: str = "clipped"
 
 
 def load_holder_config(path: str | os.PathLike[str]) -> HolderConfig:
@@ -98,6 +115,7 @@ def load_holder_config(path: str | os.PathLike[str]) -> HolderConfig:
         raise ConfigError(f"{path}: aggregator.ca and aggregator.name go together (TLS to the aggregator)")
     tls = None if get("aggregator", "ca") is None else aggregator_client_tls(resolve(get("aggregator", "ca")),
                                                                              get("aggregator", "name"), path)
+    clip_eval, evaluation = _evaluation(path, raw.get("federated", {}))
     return HolderConfig(
         id=get("holder", "id"), dir=resolve(get("holder", "dir")), train=resolve(get("data", "train")),
         test=resolve(get("data", "test")), rating_range=(lo, hi), release=resolve(get("federated", "release")),
@@ -108,6 +126,7 @@ def load_holder_config(path: str | os.PathLike[str]) -> HolderConfig:
         run_id=get("federated", "run_id"), wait_s=_positive(path, "federated.wait_s", get("federated", "wait_s", 600.0)),
         public_key=resolve(get("key", "public_key")), fingerprint=get("key", "fingerprint"),
         top_k=get("federated", "top_k", 10), workers=get("holder", "workers"), fault=fault, tls=tls,
+        clip_eval=clip_eval, evaluation=evaluation,
     )
 
 
@@ -149,6 +168,8 @@ class ComputeConfig:
     public_key: Path | None
     private_key: Path | None
     privacy: PrivacySettings | None
+    clip_eval: float = DEFAULT_CLIP_EVAL
+    evaluation: str = "clipped"
 
     def public(self) -> dict[str, Any]:
         """What every compute party must agree on before the first round."""
@@ -156,7 +177,7 @@ class ComputeConfig:
                 "learning_rate": self.learning_rate, "momentum": self.momentum,
                 "item_regularization": self.item_regularization, "init_scale": self.init_scale, "seed": self.seed,
                 "clip": self.clip, "max_users": self.max_users, "run_id": self.run_id, "fingerprint": self.fingerprint,
-                "rating_range": list(self.rating_range),
+                "rating_range": list(self.rating_range), "clip_eval": self.clip_eval, "evaluation": self.evaluation,
                 "privacy": None if self.privacy is None else {
                     "epsilon": self.privacy.epsilon, "delta": self.privacy.delta,
                     "trusted_parties": self.privacy.trusted_parties, "dataset": self.privacy.dataset}}
@@ -206,6 +227,9 @@ def load_compute_config(path: str | os.PathLike[str]) -> ComputeConfig:
             raise ConfigError(f"{path}: privacy.trusted_parties must be in 1..{world_size}")
     if fed["rounds"] < 1 or fed["factors"] < 1 or fed["max_users"] < 1:
         raise ConfigError(f"{path}: federated.rounds, factors and max_users must be at least 1")
+    clip_eval, evaluation = _evaluation(path, fed)
+    if (evaluation == "exact") != (privacy is None):
+        raise ConfigError(f"{path}: federated.evaluation = 'exact' is for runs without [privacy] and only for them")
     momentum = float(fed.get("momentum", 0.5))
     if not 0 <= momentum < 1:
         raise ConfigError(f"{path}: federated.momentum must be in [0, 1)")
@@ -221,5 +245,5 @@ def load_compute_config(path: str | os.PathLike[str]) -> ComputeConfig:
         rating_range=(float(fed.get("rating_min", 1.0)), float(fed.get("rating_max", 5.0))),
         output_dir=resolve(raw["output"]["dir"]), fingerprint=paillier["fingerprint"],
         public_key=resolve(paillier.get("public_key")), private_key=resolve(paillier.get("private_key")),
-        privacy=privacy,
+        privacy=privacy, clip_eval=clip_eval, evaluation=evaluation,
     )

@@ -6,8 +6,9 @@ users' controls (``controls.json``, read before every round), its copy of the re
 last used (``items.npz``) and its run record (``holder.json``). Per round it waits for the
 compute parties' release of that round, updates its users against it, and sends ONE
 message: its clipped, summed item-side update, packed and Paillier-encrypted under the
-key holder's key, to the aggregator. Nothing else leaves the process
-(protocols/federated.md).
+key holder's key, to the aggregator. After the final release it sends one more, the same
+way: its users' clipped test figures, summed (``federated/evaluation.py``). Nothing else
+leaves the process, and no metric is written anywhere (protocols/federated.md).
 
 ``users.npz`` (rewritten every round, forgotten users left out): ``user_ids`` (str),
 ``factors`` (users x K float64), ``biases`` (users), ``round`` (the release they were
@@ -30,7 +31,8 @@ import numpy as np
 from mpc_rec.data import Ratings, load_ratings
 from mpc_rec.errors import DataError, PeerError
 from mpc_rec.federated.config import HolderConfig
-from mpc_rec.federated.model import LocalRatings, evaluate, item_contribution, user_step
+from mpc_rec.federated.evaluation import evaluation_length, evaluation_spec, evaluation_vector
+from mpc_rec.federated.model import LocalRatings, UserMetrics, item_contribution, user_metrics, user_step
 from mpc_rec.files import write_bytes_atomic, write_text_atomic
 from mpc_rec.holder import Controls, ItemRelease, load_controls, load_release, write_release_atomic
 from mpc_rec.ingest.transport import request
@@ -142,8 +144,17 @@ def run_holder(config: HolderConfig) -> dict[str, Any]:
         train = users.train_index.subset(_kept(users.train, controls))
         user_factors, user_biases = user_step(train, release.factors, release.biases, release.mean, config.regularization)
         _save_users(config, users, controls.forget, user_factors, user_biases, round_id)
-        if round_id == config.rounds:  # the final release: evaluate locally, send nothing
-            record["metrics"] = _evaluate(config, users, controls, train, user_factors, user_biases, release)
+        if round_id == config.rounds:  # the final release: the evaluation round, sent like a training round
+            metrics = _user_metrics(config, users, controls, train, user_factors, user_biases, release)
+            values = evaluation_vector(metrics, kind=config.evaluation, clip_eval=config.clip_eval)
+            computed = time.perf_counter()
+            message = make_contribution(public_key, evaluation_spec(public_key.bits, max_holders=config.max_holders),
+                                        config.id, round_id, values, expected_fingerprint=config.fingerprint,
+                                        expected_length=evaluation_length(config.evaluation))
+            encrypted = time.perf_counter()
+            record["evaluation"] = {"round": round_id, "compute_s": computed - started,
+                                    "encrypt_s": encrypted - computed, "ciphertexts": len(message.ciphertexts),
+                                    "bytes_sent": _send(config, round_id, message.to_bytes())}
             break
         contribution = item_contribution(train, user_factors, user_biases, release.factors, release.biases,
                                          release.mean, config.clip)
@@ -151,33 +162,40 @@ def run_holder(config: HolderConfig) -> dict[str, Any]:
         message = make_contribution(public_key, spec, config.id, round_id, contribution.values(),
                                     expected_fingerprint=config.fingerprint,
                                     expected_length=contribution.units.size, workers=config.workers)
-        body = message.to_bytes()
-        if config.fault == "garbage":
-            body = b"GARBAGE " + os.urandom(64).hex().encode()
         encrypted = time.perf_counter()
-        header = {"kind": "contribution", "round": round_id}
-        reply, _ = request(config.aggregator, header, body, wait_s=config.wait_s, tls=config.tls)
-        if reply.get("status") != "accepted":
-            raise PeerError(f"holder {config.id}: the aggregator refused its round-{round_id} update: "
-                            f"{reply.get('reason', 'no reason given')}")
+        bytes_sent = _send(config, round_id, message.to_bytes())
         record["rounds"].append({
             "round": round_id, "compute_s": computed - started, "encrypt_s": encrypted - computed,
             "seconds": time.perf_counter() - started, "ciphertexts": len(message.ciphertexts),
-            # both frames with their 8-byte length prefixes, as ingest.transport sends them (TLS adds its records')
-            "bytes_sent": 16 + len(json.dumps({**header, "body": True}).encode()) + len(body),
-            "clipped_users": int((contribution.scales < 1).sum()),
+            "bytes_sent": bytes_sent, "clipped_users": int((contribution.scales < 1).sum()),
         })
     record["peak_memory_mb"] = peak_memory_mb()
     write_text_atomic(config.dir / "holder.json", json.dumps(record, indent=1) + "\n")
     return record
 
 
-def _evaluate(config: HolderConfig, users: _Users, controls: Controls, train: LocalRatings, user_factors: np.ndarray,
-              user_biases: np.ndarray, release: ItemRelease) -> dict[str, Any] | None:
-    """Metrics over this holder's own users (forgotten users and excluded items left out)."""
+def _send(config: HolderConfig, round_id: int, body: bytes) -> int:
+    """Send one contribution to the aggregator; the bytes sent, or PeerError if it was refused."""
+    if config.fault == "garbage":
+        body = b"GARBAGE " + os.urandom(64).hex().encode()
+    header = {"kind": "contribution", "round": round_id}
+    reply, _ = request(config.aggregator, header, body, wait_s=config.wait_s, tls=config.tls)
+    if reply.get("status") != "accepted":
+        raise PeerError(f"holder {config.id}: the aggregator refused its round-{round_id} "
+                        f"{'evaluation' if round_id == config.rounds else 'update'}: "
+                        f"{reply.get('reason', 'no reason given')}")
+    # both frames with their 8-byte length prefixes, as ingest.transport sends them (TLS adds its records')
+    return 16 + len(json.dumps({**header, "body": True}).encode()) + len(body)
+
+
+def _user_metrics(config: HolderConfig, users: _Users, controls: Controls, train: LocalRatings,
+                  user_factors: np.ndarray, user_biases: np.ndarray, release: ItemRelease) -> UserMetrics:
+    """Each own user's test figures (forgotten users and excluded items left out; no test split: none)."""
     if users.test_index is None:
-        return None
-    test = users.test_index.subset(_kept(users.test, controls))
+        empty = np.zeros(0, dtype=np.int64)
+        test = LocalRatings(empty, empty, np.zeros(0), len(users.ids))
+    else:
+        test = users.test_index.subset(_kept(users.test, controls))
     hidden = None
     if controls.exclude:  # a loop over the controls, not over ratings
         position = {user: index for index, user in enumerate(users.ids.tolist())}
@@ -187,6 +205,5 @@ def _evaluate(config: HolderConfig, users: _Users, controls: Controls, train: Lo
         if pairs:
             rows, cols = np.array(pairs, dtype=np.int64).T
             hidden = LocalRatings(rows, cols, np.zeros(len(rows)), len(users.ids))
-    metrics = evaluate(train, test, user_factors, user_biases, release.factors, release.biases, release.mean,
-                       top_k=config.top_k, rating_range=config.rating_range, hidden=hidden)
-    return metrics.to_dict()
+    return user_metrics(train, test, user_factors, user_biases, release.factors, release.biases, release.mean,
+                        top_k=config.top_k, rating_range=config.rating_range, hidden=hidden)

@@ -4,9 +4,10 @@ The launcher plays every organisation at once: it splits the ratings 80/20, deal
 to H data holders (disjoint), gives each holder its own folder with its own files, plays
 the key holder's set-up step (a Paillier key pair; the private half only in party 0's
 file, mode 0600), writes one configuration per process, starts N compute parties, the
-dealer and H holders, and afterwards combines what the holders report about their own
-users into the run's metrics. Holder folders (``OUT/holders/<id>/``) persist across
-runs, like a device's storage: a ``controls.json`` left there applies to the next run.
+dealer and H holders, and afterwards reports the run's metrics as the compute parties
+released them (the evaluation round: noised, clipped sums; protocols/federated.md).
+Holder folders (``OUT/holders/<id>/``) persist across runs, like a device's storage: a
+``controls.json`` left there applies to the next run.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from mpc_rec.errors import ConfigError, DataError
 from mpc_rec.federated.config import HOLDER_FAULTS
 from mpc_rec.federated.holder import peak_memory_mb
 from mpc_rec.files import write_text_atomic
-from mpc_rec.launch import _Party, _wait_all, free_port, parse_faults
+from mpc_rec.launch import DEFAULT_PRIVACY, _Party, _wait_all, free_port, parse_faults
 from mpc_rec.mpc.session import THREADS_ENV
 from mpc_rec.paillier.keys import generate_keypair, save_private_key, save_public_key
 
@@ -63,6 +64,15 @@ class FederatedOptions:
     holder_faults: dict[str, str] | None = None
     wait_s: float = 1800.0
     transport: str = "gloo"  # "tls": compute mesh and holder channel over TLS 1.3 with a throw-away pilot CA
+    clip_eval: float = DEFAULT_PRIVACY["clip_eval"]  # the joint mode's C_eval
+    benchmark_exact_rmse: bool = False  # also open the exact test sums: NOT covered by the DP guarantee
+
+    @property
+    def evaluation(self) -> str:
+        """The evaluation round's vector (federated/evaluation.py), as in the joint mode: exact without DP."""
+        if self.privacy is None:
+            return "exact"
+        return "clipped+exact" if self.benchmark_exact_rmse else "clipped"
 
     @classmethod
     def from_cli(cls, options: dict[str, Any]) -> "FederatedOptions":
@@ -74,9 +84,8 @@ class FederatedOptions:
                 raise ConfigError(f"{name} belongs to the joint mode's row ingest; --mode federated uses --holders")
         if options.get("insecure_tfp_dealer"):
             raise ConfigError("--mode federated always runs the TTP dealer; --insecure-tfp-dealer is not available")
-        for flag, name in (("save_shares", "--save-shares"), ("benchmark_exact_rmse", "--benchmark-exact-rmse")):
-            if options.get(flag):
-                raise ConfigError(f"{name} belongs to the joint mode; --mode federated keeps no shared model")
+        if options.get("save_shares"):
+            raise ConfigError("--save-shares belongs to the joint mode; --mode federated keeps no shared model")
         lo, hi = options["rating_range"]
         if not lo < hi:
             raise ConfigError(f"--rating-range: smallest rating {lo} must be below largest {hi}")
@@ -96,7 +105,8 @@ class FederatedOptions:
                    out=options["out"], timeout_s=options["timeout_s"], privacy=privacy, clip=options["dp_clip"] or cls.clip,
                    ledger_dir=options["ledger_dir"],
                    paillier_bits=1024 if options.get("insecure_1024_bit_key") else 2048, holder_faults=faults or None,
-                   transport=options.get("transport", "gloo"))
+                   transport=options.get("transport", "gloo"),
+                   benchmark_exact_rmse=bool(options.get("benchmark_exact_rmse")) and privacy is not None)
 
 
 def _load(options: FederatedOptions) -> tuple[Ratings, str]:
@@ -221,7 +231,8 @@ def _write_parties(options, workdir, staging, channel, release, holder_ids, max_
                           "item_regularization": DEFAULTS["item_regularization"], "init_scale": DEFAULTS["init_scale"],
                           "seed": options.seed, "clip": options.clip, "max_users": max_users, "run_id": run_id,
                           "wait_s": options.wait_s, "deadline_s": options.wait_s,
-                          "rating_min": options.rating_range[0], "rating_max": options.rating_range[1]},
+                          "rating_min": options.rating_range[0], "rating_max": options.rating_range[1],
+                          "clip_eval": options.clip_eval, "evaluation": options.evaluation},
             "paillier": {"fingerprint": fingerprint},
             "output": {"dir": str((staging / name).resolve())},
         }
@@ -261,7 +272,8 @@ def _write_holder(options, workdir, folder: Path, hid, own_train, own_test, chan
         "data": data,
         "federated": {"release": str(release), "aggregator": channel, "rounds": options.rounds,
                       "regularization": options.regularization, "clip": options.clip, "max_users": max_users,
-                      "max_holders": options.holders, "run_id": run_id, "wait_s": options.wait_s},
+                      "max_holders": options.holders, "run_id": run_id, "wait_s": options.wait_s,
+                      "clip_eval": options.clip_eval, "evaluation": options.evaluation},
         "key": {"public_key": "paillier-public.json", "fingerprint": fingerprint},
     }
     if tls:  # the holder authenticates the aggregator; it has no pilot certificate of its own
@@ -306,11 +318,8 @@ def _run(processes: list[_Party], options: FederatedOptions) -> list[dict[str, A
 
 def _summarise(options, processes, results, holder_ids, holders_root, train, test, catalogue, secure_s, digest, run_id):
     records = {hid: json.loads((holders_root / hid / "holder.json").read_text()) for hid in holder_ids}
-    metrics = [r["metrics"] for r in records.values() if r.get("metrics")]
-    sse = sum(m["squared_error"] for m in metrics)
-    n_test = sum(m["test_ratings"] for m in metrics)
-    recall_users = sum(m["recall_users"] for m in metrics)
     rank0 = next(r for r in results if r["rank"] == 0)
+    evaluation = rank0["evaluation"]  # what the compute parties released; the holders report no metric
     round_s = [r["seconds"] for r in rank0["rounds"]]
     mean = sum(options.rating_range) / 2
     holder_rows = []
@@ -318,11 +327,28 @@ def _summarise(options, processes, results, holder_ids, holders_root, train, tes
         sent = [r["bytes_sent"] for r in record["rounds"]]
         holder_rows.append({"id": hid, "users": record["users"], "train_ratings": record["train_ratings"],
                             "bytes_sent_per_round": float(np.mean(sent)) if sent else 0.0,
-                            "bytes_sent_total": int(sum(sent)),
+                            "bytes_sent_total": int(sum(sent)) + record["evaluation"]["bytes_sent"],
+                            "evaluation_bytes_sent": record["evaluation"]["bytes_sent"],
                             "ciphertexts_per_round": record["rounds"][0]["ciphertexts"] if record["rounds"] else 0,
                             "round_work_s": float(np.mean([r["seconds"] for r in record["rounds"]])) if sent else 0.0,
                             "encrypt_s": float(np.mean([r["encrypt_s"] for r in record["rounds"]])) if sent else 0.0,
                             "peak_memory_mb": record["peak_memory_mb"]})
+    metrics = {
+        "rmse": evaluation["rmse"], "recall_at_10": evaluation["recall"],
+        "test_ratings": len(test),  # the launcher's own split (it deals the data)
+        "rmse_item_mean_baseline": _item_mean_rmse(train, test, catalogue, mean),
+        "released_sums": evaluation["released_sums"],
+        "evaluation": ("exact sums revealed by the compute parties (--no-dp: not differentially private)"
+                       if evaluation["kind"] == "exact" else
+                       f"DP release: per-user clipped sums (C_eval {evaluation['clip_eval']:g}), noised in MPC "
+                       f"(sigma {evaluation['noise_sigma']:.4g}), opened by the compute parties; "
+                       "a user-clipped, user-weighted RMSE (protocols/federated.md, 'Metrics')"),
+    }
+    if "rmse_exact_unprotected" in evaluation:
+        metrics.update(rmse_exact_unprotected=evaluation["rmse_exact_unprotected"],
+                       recall_exact_unprotected=evaluation["recall_exact_unprotected"])
+        if evaluation["kind"] != "exact":
+            metrics["exact_note"] = "--benchmark-exact-rmse: exact test sums, NOT covered by the DP guarantee"
     return {
         "mpc_rec_version": __version__,
         "mode": "federated",
@@ -336,14 +362,8 @@ def _summarise(options, processes, results, holder_ids, holders_root, train, tes
                        "INSECURE test-size key" if options.paillier_bits < 2048 else "production size")},
         "data": {"users": len(np.unique(train.users.astype(str))), "items": len(catalogue), "train_ratings": len(train),
                  "test_ratings": len(test), "holders": len(holder_ids)},
-        "metrics": {
-            "rmse": float(np.sqrt(sse / n_test)) if n_test else None,
-            "recall_at_10": recall_users and sum(m["recall_sum"] for m in metrics) / recall_users,
-            "recall_users": recall_users, "test_ratings": n_test,
-            "rmse_item_mean_baseline": _item_mean_rmse(train, test, catalogue, mean),
-            "evaluation": "each holder evaluates its own users; the launcher adds the holders' sums "
-                          "(not differentially private: see protocols/federated.md, 'Metrics')",
-        },
+        "metrics": metrics,
+        "evaluation": evaluation,
         "timing": {"round_s": round_s, "round_s_mean": float(np.mean(round_s)) if round_s else None,
                    "run_s": secure_s},
         "launcher_peak_memory_mb": peak_memory_mb(),  # it loads and deals all data (the simulation harness)
@@ -364,14 +384,19 @@ def format_federated_summary(summary: dict[str, Any]) -> str:
     else:
         privacy_line = "  privacy: ** NO DIFFERENTIAL PRIVACY (--no-dp): item sums revealed exactly **"
     holders = summary["holders"]
+    figure = lambda value: "n/a (noised count not positive)" if value is None else f"{value:.4f}"  # noqa: E731
     lines = [
         f"mpc-rec run --mode federated: {len(holders)} holders, {len(summary['parties'])} compute parties, dealer ttp"
         + ("  ** INSECURE TEST-SIZE PAILLIER KEY **" if summary["config"]["paillier_bits"] < 2048 else ""),
         privacy_line,
         f"  data: {summary['data']['users']} users x {summary['data']['items']} items, "
         f"{summary['data']['train_ratings']} train / {summary['data']['test_ratings']} test ratings",
-        f"  test RMSE {m['rmse']:.4f} (item-mean baseline {m['rmse_item_mean_baseline']:.4f}), "
-        f"recall@10 {m['recall_at_10']:.4f} over {m['recall_users']} users",
+        f"  test RMSE {figure(m['rmse'])}, recall@10 {figure(m['recall_at_10'])} "
+        + ("(exact: --no-dp)" if privacy["mode"] != "dp" else f"(DP release, noise sigma {summary['evaluation']['noise_sigma']:.3g} "
+           f"on the clipped sums)") + f"; item-mean baseline RMSE {m['rmse_item_mean_baseline']:.4f}",
+        *([f"  exact test RMSE {figure(m['rmse_exact_unprotected'])}, recall@10 "
+           f"{figure(m['recall_exact_unprotected'])}  ** NOT covered by the DP guarantee (--benchmark-exact-rmse) **"]
+          if "exact_note" in m else []),
         f"  round: {t['round_s_mean']:.2f} s on average; run {t['run_s']:.1f} s; "
         f"{np.mean([h['bytes_sent_per_round'] for h in holders]) / 1024:.0f} KiB sent per holder per round",
         f"  outputs: {summary['config']['out']}/ (summary.json, one folder per party, holders/<id>/)",

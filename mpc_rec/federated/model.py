@@ -165,35 +165,34 @@ def initial_items(n_items: int, factors: int, *, scale: float, seed: int) -> tup
     return rng.normal(0.0, scale, size=(n_items, factors)), np.zeros(n_items)
 
 
-# --- evaluation on a holder's own users ---------------------------------------------
+# --- evaluation on a holder's own users (released through MPC: federated/evaluation.py) ---
 
 
-@dataclass(frozen=True)
-class LocalMetrics:
-    """Sums over one holder's users; combined over holders by adding (see the spec)."""
+@dataclass(frozen=True, eq=False)
+class UserMetrics:
+    """Per-user test figures of one holder's users (index = the holder's user index)."""
 
-    squared_error: float
-    test_ratings: int
-    recall_sum: float  # sum over users with a relevant held-out item of hits / relevant
-    recall_users: int
-
-    def to_dict(self) -> dict[str, float]:
-        return dict(self.__dict__)
+    squared_error: np.ndarray  # sum over the user's held-out ratings (predictions clamped to the scale)
+    test_ratings: np.ndarray  # held-out ratings per user
+    recall: np.ndarray  # hits / relevant held-out items, 0 for a user without a relevant item
+    has_relevant: np.ndarray  # 1.0 where the user has a relevant held-out item
 
 
-def evaluate(train: LocalRatings, test: LocalRatings, user_factors: np.ndarray, user_biases: np.ndarray,
-             factors: np.ndarray, biases: np.ndarray, mean: float, *, top_k: int = 10,
-             rating_range: tuple[float, float] = (1.0, 5.0), relevant_from: float = 4.0,
-             hidden: LocalRatings | None = None, chunk: int = 4096) -> LocalMetrics:
-    """Test SSE (predictions clamped to the rating scale) and recall@k: relevant = held-out
-    ratings >= ``relevant_from``; the top-k is over items the user did not rate in
+def user_metrics(train: LocalRatings, test: LocalRatings, user_factors: np.ndarray, user_biases: np.ndarray,
+                 factors: np.ndarray, biases: np.ndarray, mean: float, *, top_k: int = 10,
+                 rating_range: tuple[float, float] = (1.0, 5.0), relevant_from: float = 4.0,
+                 hidden: LocalRatings | None = None, chunk: int = 4096) -> UserMetrics:
+    """Each user's test SSE (predictions clamped to the rating scale) and recall@k: relevant =
+    held-out ratings >= ``relevant_from``; the top-k is over items the user did not rate in
     training (nor ``hidden``: excluded items)."""
     predicted = np.clip(predict(test, user_factors, user_biases, factors, biases, mean), *rating_range)
     error = predicted - test.value
+    squared = np.bincount(test.user, weights=error * error, minlength=test.n_users)
+    counts = np.bincount(test.user, minlength=test.n_users).astype(np.float64)
     relevant = test.subset(test.value >= relevant_from)
     per_user = np.bincount(relevant.user, minlength=test.n_users)
     users = np.flatnonzero(per_user)
-    recall = 0.0
+    recall = np.zeros(test.n_users)
     for start in range(0, len(users), chunk):
         block = users[start:start + chunk]
         position = np.full(test.n_users, -1)
@@ -210,8 +209,8 @@ def evaluate(train: LocalRatings, test: LocalRatings, user_factors: np.ndarray, 
         inside = rows >= 0
         hit = chosen[rows[inside], relevant.item[inside]]
         hits = np.bincount(rows[inside], weights=hit.astype(np.float64), minlength=len(block))
-        recall += float((hits / per_user[block]).sum())
-    return LocalMetrics(float((error * error).sum()), len(test), recall, int(len(users)))
+        recall[block] = hits / per_user[block]
+    return UserMetrics(squared, counts, recall, (per_user > 0).astype(np.float64))
 
 
 # --- a vectorised synthetic data set (100,000+ users without per-rating Python) ------
