@@ -17,7 +17,7 @@ and replies stay in order on the line, and a request never waits behind an unrea
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -91,17 +91,15 @@ def ttp_request(self: Any, func_name: str, device: Any, *args: Any, **kwargs: An
 # --- correlations -----------------------------------------------------------------------------
 
 
-class Deal:
+class Deal(Protocol):
     """One correlation from the dealer: ``request`` names the dealer method and its arguments."""
 
     request: tuple[str, list[Any]]
     reply_elements: int
 
-    def draw(self) -> None:
-        raise NotImplementedError
+    def draw(self) -> None: ...
 
-    def fill(self, reply: torch.Tensor) -> None:
-        raise NotImplementedError
+    def fill(self, reply: torch.Tensor) -> None: ...
 
 
 class TruncationDeal(Deal):
