@@ -152,7 +152,8 @@ def _run_protocols(config: PartyConfig, local: dict[str, Any], plan: Any, ledger
             transcript.set_phase(f"training-epoch-{epoch + 1}")
 
         transcript.set_phase("training-epoch-1")
-        state, epoch_seconds = train_secure(data, config.train, on_epoch, item_aggregates=hook)
+        state, epoch_seconds, step_setup_seconds = train_secure(data, config.train, on_epoch, item_aggregates=hook)
+        timings["setup_s"] += step_setup_seconds
         after_training = session.traffic()
         model_shares = None
         if config.save_shares:  # this party's own shares, kept for serving and never opened

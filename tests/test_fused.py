@@ -118,7 +118,7 @@ def _private_step_in_party(session, rows, config):
     data = private_training_data(r, m, midpoint=3.0, item_weight=2.0, item_step=1.5)
     # The exact aggregates in place of the noised ones: the DP branch of the fused step
     # (E truncated to 2^16 for the hook, public item weights, public mean) made checkable.
-    state, _ = train_secure(data, config, item_aggregates=exact_item_aggregates)
+    state, _, _ = train_secure(data, config, item_aggregates=exact_item_aggregates)
     return state.item_factors.get_plain_text().numpy(), state.item_bias.get_plain_text().numpy()
 
 
@@ -147,7 +147,7 @@ def test_private_branch_of_the_fused_step_matches_plaintext(world_size):
 @pytest.mark.parametrize("op, size0, size1", [
     ("matmul", [3], [3]), ("matmul", [3], [3, 4]), ("matmul", [2, 3], [3]), ("matmul", [2, 3], [3, 4]),
     ("matmul", [5, 2, 3], [3, 4]), ("matmul", [5, 1, 2, 3], [7, 3, 4]), ("matmul", [4], [2, 4, 6]),
-    ("mul", [3, 1], [1, 4]), ("mul", [5], [5]), ("mul", [2, 3], [3]),
+    ("mul", [3, 1], [1, 4]), ("mul", [5], [5]), ("mul", [2, 3], [3]), ("mul", [1, 3], [4, 1, 1]), ("mul", [], [2]),
 ])
 def test_product_shape_follows_torch(op, size0, size1):
     from mpc_rec.mpc.deals import product_shape
@@ -160,3 +160,5 @@ def test_product_shape_refuses_mismatched_inner_sizes():
 
     with pytest.raises(ValueError, match="inner sizes"):
         product_shape([2, 3], [4, 5], "matmul")
+    with pytest.raises(ValueError, match="do not broadcast"):
+        product_shape([2, 3], [4], "mul")

@@ -39,7 +39,7 @@ def _train_and_score(session, rows, config, k):
     r = share_rows(_blocks(rank, rows, ratings), rows, rank)
     m = share_rows(_blocks(rank, rows, mask), rows, rank, precision=0)
     data = shared_training_data(r, m)
-    state, _ = train_secure(data, config)
+    state, _, _ = train_secure(data, config)
     log = RevealLog()
     top = declare_public(secure_top_k(state, data.mean, m, k), reason="test")
     mine = open_rows_to_owners(top, rows, rank, name="top-k", log=log)

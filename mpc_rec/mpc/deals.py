@@ -127,7 +127,7 @@ def product_shape(size0: Any, size1: Any, op: str) -> torch.Size:
     """
     size0, size1 = list(size0), list(size1)
     if op == "mul":
-        return torch.broadcast_shapes(torch.Size(size0), torch.Size(size1))
+        return torch.Size(_broadcast(size0, size1))
     if op != "matmul" or not size0 or not size1:
         raise ValueError(f"no product shape for {op} of {size0} and {size1}")
     inner0 = size0[-1]
@@ -140,8 +140,17 @@ def product_shape(size0: Any, size1: Any, op: str) -> torch.Size:
         return torch.Size(size1[:-2] + size1[-1:])
     if len(size1) == 1:
         return torch.Size(size0[:-1])
-    batch = torch.broadcast_shapes(torch.Size(size0[:-2]), torch.Size(size1[:-2]))
-    return torch.Size(list(batch) + [size0[-2], size1[-1]])
+    return torch.Size(_broadcast(size0[:-2], size1[:-2]) + [size0[-2], size1[-1]])
+
+
+def _broadcast(size0: list[int], size1: list[int]) -> list[int]:
+    """torch's broadcasting of two shapes (``torch.broadcast_shapes`` imports sympy on its
+    first call: half a second, which landed in the first training epoch)."""
+    length = max(len(size0), len(size1))
+    padded0, padded1 = [1] * (length - len(size0)) + size0, [1] * (length - len(size1)) + size1
+    if any(a != b and 1 not in (a, b) for a, b in zip(padded0, padded1)):
+        raise ValueError(f"shapes {size0} and {size1} do not broadcast")
+    return [b if a == 1 else a for a, b in zip(padded0, padded1)]
 
 
 class TripleDeal(Deal):

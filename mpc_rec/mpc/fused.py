@@ -146,18 +146,23 @@ def _scaled(x: Any, bits: int) -> torch.Tensor:
 class FusedStep:
     """One party's state for fused epochs over fixed training data."""
 
-    def __init__(self, data: TrainingData):
-        ring.warm_up()
-        self.data = data
-        self.masked = MaskedProduct(_share(data.mask))
-        self.ratings = _share(data.ratings) << (ERROR_BITS - FRACTION_BITS)
-        self._next: Bundle | None = None  # the next epoch's correlations, asked for in advance
+    def __init__(self, data: TrainingData, factors: int, private: bool):
+        """``private``: the epochs pass an ``item_aggregates`` hook (the DP item side).
 
-    def _bundle(self, state: ModelState, private: bool) -> Bundle:
-        (n, k), i = state.user_factors.size(), state.item_factors.size(0)
+        The first epoch's correlations are asked for here, before the kernels load: the
+        dealer computes them during set-up instead of during the first epoch.
+        """
+        self.data, self.factors, self.private = data, factors, private
+        self.masked = MaskedProduct(_share(data.mask))
+        self._next: Bundle | None = self._bundle()  # the next epoch's correlations, asked for in advance
+        ring.warm_up()
+        self.ratings = _share(data.ratings) << (ERROR_BITS - FRACTION_BITS)
+
+    def _bundle(self) -> Bundle:
+        (n, i), k = self.data.ratings.size(), self.factors
         shared_items = not torch.is_tensor(self.data.item_weights)
-        arguments = [n, i, k, int(private), int(shared_items)]
-        return Bundle(deals_for(epoch_requests(n, i, k, private, shared_items)), ("mf_epoch", arguments)).send()
+        arguments = [n, i, k, int(self.private), int(shared_items)]
+        return Bundle(deals_for(epoch_requests(n, i, k, self.private, shared_items)), ("mf_epoch", arguments)).send()
 
     def gradients_data_part(
         self, state: ModelState, item_aggregates: Callable[[Any, ModelState], tuple[Any, Any]] | None,
@@ -223,9 +228,11 @@ class FusedStep:
         first: the dealer computes them during this one.
         """
         private = item_aggregates is not None
-        bundle = self._next or self._bundle(state, private)
+        if private != self.private or list(state.user_factors.size()) != [self.data.ratings.size(0), self.factors]:
+            raise ValueError("a fused epoch with another hook or factor count than its step was made for")
+        bundle = self._next or self._bundle()
         deals = bundle.ready()
-        self._next = None if last else self._bundle(state, private)
+        self._next = None if last else self._bundle()
         *data_deals, weighting, to_velocity, to_parameters = deals
         data, f = self.data, FRACTION_BITS
         parts = [_share(x) for x in self.gradients_data_part(state, item_aggregates, data_deals)]

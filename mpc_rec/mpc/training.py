@@ -56,22 +56,25 @@ def train_secure(
     config: TrainConfig,
     on_epoch: Callable[[int, float], None] | None = None,
     item_aggregates: Callable | None = None,
-) -> tuple[ModelState, list[float]]:
-    """Train from the public initialisation; returns the shared model and epoch times.
+) -> tuple[ModelState, list[float], float]:
+    """Train from the public initialisation; returns the shared model, epoch times and the
+    step's set-up time (opening the mask, asking for the first epoch's correlations).
 
     ``item_aggregates`` replaces the exact item-side sums (the differentially private run
     passes one that clips and adds noise). The fused step needs the TTP dealer's requests
     (``mpc.dealer``); the INSECURE TFP benchmark mode has no dealer process and runs the
     same step on CrypTen's generic operators.
     """
+    started = time.perf_counter()
     n_users, n_items = data.ratings.size()
     state = ModelState(*[share_public(p) for p in initial_parameters(n_users, n_items, config)])
     if import_crypten().cfg.mpc.provider == "TTP":
-        step = FusedStep(data)
+        step = FusedStep(data, config.factors, private=item_aggregates is not None)
         next_state = lambda s, last: step.epoch(s, config, item_aggregates, last=last)  # noqa: E731
     else:
         gradients = lambda s, d: data_gradients(s, d, item_aggregates or exact_item_aggregates)  # noqa: E731
         next_state = lambda s, last: train_epoch(s, data, config, gradients)  # noqa: E731
+    setup_seconds = time.perf_counter() - started
     epoch_seconds = []
     for epoch in range(config.epochs):
         started = time.perf_counter()
@@ -79,4 +82,4 @@ def train_secure(
         epoch_seconds.append(time.perf_counter() - started)
         if on_epoch is not None:
             on_epoch(epoch + 1, epoch_seconds[-1])
-    return state, epoch_seconds
+    return state, epoch_seconds, setup_seconds
