@@ -16,9 +16,10 @@ def generator():
     return torch.Generator().manual_seed(11)
 
 
-def test_masked_scores_wraps_like_torch(generator):
+@pytest.mark.parametrize("width", [6, 16, 19])  # below, at and past whole passes of ring.TERMS products
+def test_masked_scores_wraps_like_torch(generator, width):
     c, mask_b = _ring(generator, 9, 13), _ring(generator, 9, 13)
-    left, right = _ring(generator, 9, 6), _ring(generator, 6, 13)
+    left, right = _ring(generator, 9, width), _ring(generator, width, 13)
     user_offset, item_offset = _ring(generator, 9), _ring(generator, 13)
     expected = c + left.matmul(right) + user_offset.unsqueeze(1) + item_offset.unsqueeze(0) - mask_b
     ring.masked_scores(c.numpy(), left.numpy(), right.numpy(), user_offset.numpy(), item_offset.numpy(), mask_b.numpy())
@@ -37,11 +38,12 @@ def test_masked_error_wraps_like_torch(generator, rank0):
     assert torch.equal(torch.from_numpy(column_sums), expected.sum(0))
 
 
+@pytest.mark.parametrize("users", [3, 8, 11])  # fewer than, a multiple of, and past blocks of ring.ROWS rows
 @pytest.mark.parametrize("with_p", [True, False])
-def test_error_products_wrap_like_torch(generator, with_p):
-    opened, a = _ring(generator, 8, 12), _ring(generator, 8, 12)
-    left_q, right_q, out_q = _ring(generator, 12, 5), _ring(generator, 12, 5), _ring(generator, 8, 5)
-    left_p, right_p, out_p = _ring(generator, 8, 3), _ring(generator, 8, 3), _ring(generator, 12, 3)
+def test_error_products_wrap_like_torch(generator, with_p, users):
+    opened, a = _ring(generator, users, 12), _ring(generator, users, 12)
+    left_q, right_q, out_q = _ring(generator, 12, 5), _ring(generator, 12, 5), _ring(generator, users, 5)
+    left_p, right_p, out_p = _ring(generator, users, 3), _ring(generator, users, 3), _ring(generator, 12, 3)
     expected_q = out_q + opened.matmul(left_q) + a.matmul(right_q)
     expected_p = out_p + opened.t().matmul(left_p) + a.t().matmul(right_p)
     if with_p:
@@ -72,10 +74,11 @@ def test_mismatched_shapes_are_refused_before_the_compiled_loop(generator):
         ring.masked_error(*(np.zeros((3, 4), np.int64) for _ in range(6)), np.zeros((4, 3), np.int64), True)
 
 
-def test_the_dealers_products_wrap_like_torch(generator):
-    left, right = _ring(generator, 6, 4), _ring(generator, 4, 9)
+@pytest.mark.parametrize("users, width", [(6, 4), (9, 17)])
+def test_the_dealers_products_wrap_like_torch(generator, users, width):
+    left, right = _ring(generator, users, width), _ring(generator, width, 9)
     assert torch.equal(torch.from_numpy(ring.wide_product(left.numpy(), right.numpy())), left.matmul(right))
-    a, right_q, right_p = _ring(generator, 6, 9), _ring(generator, 9, 3), _ring(generator, 6, 2)
+    a, right_q, right_p = _ring(generator, users, 9), _ring(generator, 9, 3), _ring(generator, users, 2)
     q_only = ring.mask_products(a.numpy(), right_q.numpy())
     both = ring.mask_products(a.numpy(), right_q.numpy(), right_p.numpy())
     assert len(q_only) == 1 and torch.equal(torch.from_numpy(q_only[0]), a.matmul(right_q))
