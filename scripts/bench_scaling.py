@@ -53,7 +53,8 @@ def main() -> None:
             run = measure(path, args.size_parties, args.epochs)
             point = {"users": users, "items": items, "parties": args.size_parties, **run}
             figures["by_size"].append(point)
-            print(f"{users} x {items}, {args.size_parties} parties: secure epoch {run['secure_epoch_s']:.3f} s, "
+            print(f"{users} x {items}, {args.size_parties} parties: secure epoch {run['secure_epoch_s']:.3f} s "
+                  f"(median {run['secure_median_epoch_s']:.3f}), "
                   f"plaintext {run['plaintext_epoch_s']:.4f} s ({run['ratio']}x), peak MB {run['peak_memory_mb_per_party']}",
                   flush=True)
         users, items, path = paths[0]
@@ -61,7 +62,7 @@ def main() -> None:
             run = measure(path, parties, args.epochs)
             figures["by_parties"].append({"users": users, "items": items, "parties": parties, **run})
             print(f"{users} x {items}, {parties} parties: secure epoch {run['secure_epoch_s']:.3f} s "
-                  f"({run['ratio']}x plaintext)", flush=True)
+                  f"(median {run['secure_median_epoch_s']:.3f}; {run['ratio']}x plaintext)", flush=True)
     if len(figures["by_size"]) >= 2:
         xs = [math.log(p["users"] * p["items"]) for p in figures["by_size"]]
         ys = [math.log(p["secure_epoch_s"]) for p in figures["by_size"]]
