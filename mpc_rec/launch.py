@@ -350,8 +350,16 @@ def _follow_events(stream, progress: "ProgressLine") -> None:
             progress.note("secure scoring and evaluation")
 
 
+_REFUSAL_GRACE_S = 3.0
+
+
 def _wait_all(parties: list[_Party], grace_s: float) -> InputError | PeerError | None:
-    """Wait for every process; after the first failure give the rest grace_s, then kill."""
+    """Wait for every process; after the first failure give the rest grace_s, then kill.
+
+    A party that refused its input (exit 2: bad data, an exhausted privacy budget) gives
+    the rest only a few seconds: its reason is the run's, and they would otherwise wait
+    out their connection timeout for it.
+    """
     deadline = None
     first_failure = None
     while True:
@@ -360,7 +368,7 @@ def _wait_all(parties: list[_Party], grace_s: float) -> InputError | PeerError |
             code = party.process.returncode
             if code not in (None, 0) and first_failure is None:
                 first_failure = party
-                deadline = time.monotonic() + grace_s
+                deadline = time.monotonic() + (_REFUSAL_GRACE_S if code == InputError.exit_code else grace_s)
         if not running:
             break
         if deadline is not None and time.monotonic() > deadline:
