@@ -147,7 +147,8 @@ def _block_products(opened: np.ndarray | None, a: np.ndarray, left_q: np.ndarray
                     out_p: np.ndarray | None) -> None:
     """``_row_block_products`` on whole blocks of rows, then on the last rows padded with zeros.
 
-    ``opened`` None: no D terms (``left_q``, ``left_p`` unread); ``out_p`` None: no E^T P.
+    ``opened`` None: no D terms (``left_q`` and ``left_p`` then only meet zeros); ``out_p``
+    None: no E^T P.
     """
     n = a.shape[0]
     with_opened, with_p = opened is not None, out_p is not None
